@@ -1,0 +1,131 @@
+r"""The settings shared by every DDPO task; the defaults are the paper's.
+
+Tasks (compress.py, incompress.py, ...) start from `get_config()` here, set their
+prompt and reward, and define presets. The paper's setting: Stable Diffusion
+v1.4 at 512 px, 50 DDIM steps, eta 1.0, guidance 5.0, 256 samples per epoch,
+DDPO_IS with clip 1e-4, AdamW at 1e-5 (DDPO.md's table).
+
+The `tiny` preset of `apply_tiny` is the same program on the shipped toy-world
+model: 32 px images, 10 steps, 64 samples per epoch, a few minutes on 2 cores.
+"""
+
+import ml_collections
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Root seed: every key and prompt draw of the run derives from it.
+  config.seed = 0
+  # Number of DDPO epochs (one sampling round and its training pass each).
+  config.num_epochs = 100
+
+  config.model = ml_collections.ConfigDict()
+  # A Hugging Face id, a local folder in diffusers' layout, or "toy-world".
+  config.model.name = "CompVis/stable-diffusion-v1-4"
+  # Hub revision; "flax" holds SD v1.4's Flax weights. Empty for the default.
+  config.model.revision = "flax"
+  # Convert PyTorch weights (needs torch installed).
+  config.model.from_pt = False
+  # Compute dtype of the modules: "float32" or "bfloat16" (params stay float32).
+  config.model.dtype = "float32"
+
+  config.mesh = ml_collections.ConfigDict()
+  # Devices along the data-parallel axis; -1 means all that the fsdp axis leaves.
+  config.mesh.data = -1
+  # Devices along the fully-sharded axis (1: params replicated).
+  config.mesh.fsdp = 1
+
+  config.prompt = ml_collections.ConfigDict()
+  # A registered prompt function (ddpo_jax.prompts) or "package.module:factory".
+  config.prompt.name = "imagenet_animals"
+  # Keyword arguments of the prompt function's factory.
+  config.prompt.kwargs = ml_collections.ConfigDict()
+
+  config.reward = ml_collections.ConfigDict()
+  # A registered reward (ddpo_jax.rewards) or "package.module:factory".
+  config.reward.name = "jpeg_compressibility"
+  # Keyword arguments of the reward's factory.
+  config.reward.kwargs = ml_collections.ConfigDict()
+  # Host threads that compute rewards while the device samples on.
+  config.reward.num_threads = 1
+
+  config.sample = ml_collections.ConfigDict()
+  # DDIM steps of the rollout (T).
+  config.sample.num_steps = 50
+  # DDIM stochasticity; must be > 0 for a policy gradient (1.0: DDPM-like).
+  config.sample.eta = 1.0
+  # Classifier-free guidance scale w, used in sampling and in training alike.
+  config.sample.guidance_scale = 5.0
+  # Trajectories per sampling call, over all devices.
+  config.sample.batch_size = 256
+  # Sampling calls per epoch: samples per epoch = batch_size * num_batches_per_epoch.
+  config.sample.num_batches_per_epoch = 1
+
+  config.train = ml_collections.ConfigDict()
+  # "ddpo_is" (clipped importance sampling) or "ddpo_sf" (score function).
+  config.train.method = "ddpo_is"
+  # Transitions per minibatch (one forward and backward pass), over all devices.
+  config.train.batch_size = 64
+  # Minibatches whose gradients are averaged into one optimiser step.
+  config.train.gradient_accumulation_steps = 50
+  # Passes over each epoch's transitions.
+  config.train.num_inner_epochs = 1
+  # Fraction of each trajectory's timesteps trained on, in (0, 1].
+  config.train.timestep_fraction = 1.0
+  # AdamW settings; the learning rate is constant.
+  config.train.learning_rate = 1e-5
+  config.train.adam_beta1 = 0.9
+  config.train.adam_beta2 = 0.999
+  config.train.adam_eps = 1e-8
+  config.train.weight_decay = 1e-4
+  # Global gradient-norm clip.
+  config.train.max_grad_norm = 1.0
+  # PPO clip range ε of DDPO_IS.
+  config.train.clip_range = 1e-4
+  # Advantages are clipped to ±adv_clip_max.
+  config.train.adv_clip_max = 10.0
+
+  config.stat_tracking = ml_collections.ConfigDict()
+  # Normalise each prompt's rewards by its own recent rewards (else by the batch).
+  config.stat_tracking.per_prompt = True
+  # Recent rewards kept per prompt.
+  config.stat_tracking.buffer_size = 32
+  # Below this many, a prompt's rewards are normalised by the batch instead.
+  config.stat_tracking.min_count = 16
+
+  config.logging = ml_collections.ConfigDict()
+  # Epochs between PNG grids of samples (0: never).
+  config.logging.images_every_epochs = 5
+  # Samples per grid.
+  config.logging.num_images = 32
+
+  if preset:
+    apply_preset(config, preset)
+  return config
+
+
+def apply_preset(config: ml_collections.ConfigDict, preset: str) -> None:
+  """Presets change values, never code paths."""
+  if preset == "tiny":
+    apply_tiny(config)
+  else:
+    raise ValueError(f"Unknown preset {preset!r}; the presets are: tiny.")
+
+
+def apply_tiny(config: ml_collections.ConfigDict) -> None:
+  """The shipped toy-world model, sized for 2 CPU cores."""
+  config.num_epochs = 12
+  config.model.name = "toy-world"
+  config.model.revision = ""
+  config.prompt.name = "toy_scenes"
+  config.sample.num_steps = 10
+  config.sample.guidance_scale = 5.0
+  config.sample.batch_size = 32
+  config.sample.num_batches_per_epoch = 2
+  config.train.batch_size = 64
+  config.train.gradient_accumulation_steps = 2
+  config.train.learning_rate = 3e-4
+  config.train.clip_range = 1e-4
+  config.stat_tracking.per_prompt = False
+  config.logging.images_every_epochs = 4
+  config.logging.num_images = 16

@@ -1,0 +1,168 @@
+"""Prompt functions: where the captions of each sampling epoch come from.
+
+A prompt function is `fn(rng, batch_size) -> list[str]`: `batch_size` prompts
+drawn with the numpy Generator `rng` alone, so a seeded rng gives the same
+prompts on every run. The registry holds prompt-function *factories*
+(`factory(**kwargs) -> PromptFn`, the kwargs coming from the config); `get`
+looks one up by its registered name or by an import path
+"package.module:factory", so user prompt sets need no change to this file.
+
+The word lists live in ddpo_jax/data/prompts/ (see `load_list`). The held-out
+sets (`uncommon_animals`, `everyday_objects`, `unseen_activity`) are for
+evaluating generalisation after training on the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+PromptFn = Callable[[np.random.Generator, int], list[str]]
+PromptFactory = Callable[..., PromptFn]
+
+DATA_DIR = os.path.join(os.path.dirname(__file__), "data", "prompts")
+# ImageNet classes 0..397 are the animals (tench .. puffer).
+NUM_IMAGENET_ANIMALS = 398
+UNSEEN_ACTIVITY = "taking an exam"
+
+_REGISTRY: dict[str, PromptFactory] = {}
+
+
+def register(name: str) -> Callable[[PromptFactory], PromptFactory]:
+  """Decorator adding a prompt-function factory to the registry under `name`."""
+
+  def decorator(factory: PromptFactory) -> PromptFactory:
+    if name in _REGISTRY:
+      raise ValueError(f"prompt function {name!r} is already registered")
+    _REGISTRY[name] = factory
+    return factory
+
+  return decorator
+
+
+def registered() -> list[str]:
+  """The registered prompt-function names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def get(name: str, **kwargs) -> PromptFn:
+  """The prompt function `name` (registered, or "package.module:factory") built with kwargs."""
+  if name in _REGISTRY:
+    return _REGISTRY[name](**kwargs)
+  if ":" in name:
+    return _import_object(name)(**kwargs)
+  raise ValueError(
+      f"unknown prompt function {name!r}; registered ones are {registered()}, "
+      "or give an import path 'package.module:factory'."
+  )
+
+
+def _import_object(path: str):
+  module_name, _, attr = path.partition(":")
+  try:
+    module = importlib.import_module(module_name)
+  except ImportError as e:
+    raise ValueError(f"cannot import module {module_name!r} of {path!r}: {e}") from e
+  if not hasattr(module, attr):
+    raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})")
+  return getattr(module, attr)
+
+
+def read_lines(path: str) -> list[str]:
+  """The non-empty lines of a text file, stripped of surrounding whitespace."""
+  with open(path, encoding="utf-8") as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def load_list(filename: str) -> list[str]:
+  """The non-empty lines of a packaged list, e.g. load_list("common_animals.txt")."""
+  return read_lines(os.path.join(DATA_DIR, filename))
+
+
+def article(word: str) -> str:
+  """The article for `word`: "an" before a vowel letter, else "a" (by spelling)."""
+  return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def uniform(prompts: Sequence[str]) -> PromptFn:
+  """A prompt function drawing uniformly, with replacement, from `prompts`."""
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError("cannot sample prompts from an empty list")
+
+  def fn(rng: np.random.Generator, batch_size: int) -> list[str]:
+    return [prompts[i] for i in rng.integers(len(prompts), size=batch_size)]
+
+  return fn
+
+
+def subject_activity(subjects: Sequence[str], activities: Sequence[str]) -> PromptFn:
+  """Uniform over "a(n) {subject} {activity}" for every subject × activity."""
+  return uniform([f"{article(s)} {s} {a}" for s in subjects for a in activities])
+
+
+@register("imagenet_animals")
+def imagenet_animals() -> PromptFn:
+  """The 398 ImageNet animal classes, each line as written (synonyms included)."""
+  return uniform(load_list("imagenet_classes.txt")[:NUM_IMAGENET_ANIMALS])
+
+
+@register("common_animals")
+def common_animals() -> PromptFn:
+  return uniform(load_list("common_animals.txt"))
+
+
+@register("simple_animals")
+def simple_animals() -> PromptFn:
+  return uniform(load_list("very_simple_animals.txt"))
+
+
+@register("nouns_activities")
+def nouns_activities(nouns_file: str | None = None, activities_file: str | None = None) -> PromptFn:
+  """Prompts "a(n) {animal} {activity}" over common_animals × activities.
+
+  `nouns_file` and `activities_file` replace the packaged lists with text files
+  of one entry per line.
+  """
+  nouns = read_lines(nouns_file) if nouns_file else load_list("common_animals.txt")
+  activities = read_lines(activities_file) if activities_file else load_list("activities.txt")
+  return subject_activity(nouns, activities)
+
+
+@register("from_file")
+def from_file(path: str) -> PromptFn:
+  """Uniform over the non-empty lines of the text file `path`."""
+  prompts = read_lines(path)
+  if not prompts:
+    raise ValueError(f"prompt file {path!r} has no non-empty lines")
+  return uniform(prompts)
+
+
+@register("toy_scenes")
+def toy_scenes() -> PromptFn:
+  """Captions of the toy world, uniform over `ddpo_jax.toy.shapes.all_scenes()`."""
+  from ddpo_jax.toy import shapes
+
+  return uniform([scene.caption for scene in shapes.all_scenes()])
+
+
+# Held-out sets.
+
+
+@register("uncommon_animals")
+def uncommon_animals() -> PromptFn:
+  return uniform(load_list("uncommon_animals.txt"))
+
+
+@register("everyday_objects")
+def everyday_objects() -> PromptFn:
+  return uniform(load_list("everyday_objects.txt"))
+
+
+@register("unseen_activity")
+def unseen_activity() -> PromptFn:
+  """The common animals doing an activity absent from activities.txt."""
+  return subject_activity(load_list("common_animals.txt"), [UNSEEN_ACTIVITY])

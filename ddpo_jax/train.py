@@ -1,0 +1,280 @@
+"""The DDPO training loop: sample, reward, advantages, train; repeat.
+
+`train_and_evaluate(config, workdir)` is the whole program behind
+`python -m ddpo_jax.main`; a notebook can call it as well.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from ddpo_jax import advantages as advantages_lib
+from ddpo_jax import metrics as metrics_lib
+from ddpo_jax import models
+from ddpo_jax import prompts as prompts_lib
+from ddpo_jax import rewards as rewards_lib
+from ddpo_jax import sampling
+from ddpo_jax import sharding
+from ddpo_jax import update
+from ddpo_jax import validation
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW at a constant learning rate."""
+  return optax.chain(
+      optax.clip_by_global_norm(train_config.max_grad_norm),
+      optax.adamw(
+          train_config.learning_rate,
+          b1=train_config.adam_beta1,
+          b2=train_config.adam_beta2,
+          eps=train_config.adam_eps,
+          weight_decay=train_config.weight_decay,
+      ),
+  )
+
+
+def sampler_settings(config: ml_collections.ConfigDict) -> sampling.SamplerSettings:
+  return sampling.SamplerSettings(
+      num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=config.sample.guidance_scale
+  )
+
+
+def update_settings(config: ml_collections.ConfigDict) -> update.UpdateSettings:
+  return update.UpdateSettings(
+      method=config.train.method,
+      clip_range=config.train.clip_range,
+      batch_size=config.train.batch_size,
+      gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+      num_timesteps_kept=validation.num_timesteps_kept(config),
+      sampler=sampler_settings(config),
+      unroll_accumulation=jax.default_backend() == "cpu",
+  )
+
+
+class Trainer:
+  """The compiled pieces of a run: sampler, training pass, shardings.
+
+  Built once per run (and shared by tests through fixtures); holds no state
+  that changes during training.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, model: models.DiffusionModel, mesh):
+    self.config = config
+    self.model = model
+    self.mesh = mesh
+    self.optimizer = make_optimizer(config.train)
+    replicated = sharding.replicated(mesh)
+    batch = sharding.batch(mesh)
+    self.replicated, self.batch_sharding = replicated, batch
+    self.sample_fn = sampling.make_sampler(
+        model,
+        sampler_settings(config),
+        in_shardings=(replicated, batch, replicated, replicated),
+        out_shardings=(
+            sampling.Trajectory(latents=batch, log_probs=batch, timesteps=replicated),
+            batch,
+            batch,
+        ),
+    )
+    rollouts_sharding = update.Rollouts(
+        latents=batch, log_probs=batch, timesteps=replicated, context=batch, advantages=batch
+    )
+    settings = update_settings(config)
+    self.num_updates = validation.num_updates_per_inner_epoch(config)
+    transitions_sharding = sharding.batch_axis(mesh, 2)  # [num_updates, accumulation, M, ...]
+    self.transitions_fn = jax.jit(
+        functools.partial(update.make_transitions, settings=settings),
+        in_shardings=(rollouts_sharding, replicated),
+        out_shardings=transitions_sharding,
+    )
+    self.step_fn = jax.jit(
+        functools.partial(
+            update.optimizer_step, model, self.optimizer, settings=settings, minibatch_sharding=batch
+        ),
+        in_shardings=(replicated, transitions_sharding, replicated, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+    self.encode_fn = jax.jit(
+        functools.partial(models.encode_prompts, model), in_shardings=(replicated, replicated), out_shardings=replicated
+    )
+    self.init_fn = jax.jit(self._init_state, out_shardings=replicated)
+
+  def _init_state(self, unet_params) -> update.TrainState:
+    return update.TrainState(
+        step=jnp.zeros((), jnp.int32), params=unet_params, opt_state=self.optimizer.init(unet_params)
+    )
+
+  def init_state(self, params) -> update.TrainState:
+    return self.init_fn(params["unet"])
+
+  def negative_tokens(self) -> np.ndarray:
+    return models.tokenize(self.model, [""])[0]
+
+  def negative_context(self, params) -> jax.Array:
+    return self.encode_fn(params["text_encoder"], self.negative_tokens()[None])[0]
+
+  def train_inner_epoch(
+      self, state: update.TrainState, rollouts: update.Rollouts, negative_context: jax.Array, key: jax.Array
+  ) -> tuple[update.TrainState, dict[str, jax.Array]]:
+    """One pass over an epoch's transitions: `num_updates` optimiser steps.
+
+    Dispatches asynchronously; the metrics ([num_updates, accumulation] each,
+    "grad_norm" [num_updates]) stay on the device until read.
+    """
+    transitions = self.transitions_fn(rollouts, key)
+    step_metrics = []
+    for index in range(self.num_updates):
+      state, metrics = self.step_fn(state, transitions, np.int32(index), negative_context)
+      step_metrics.append(metrics)
+    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics)
+
+  def sample(self, params, prompts: list[str], key: jax.Array):
+    """Dispatches one sampling call (asynchronous); prompts are this host's."""
+    token_ids = sharding.host_to_global(models.tokenize(self.model, prompts), self.batch_sharding)
+    return self.sample_fn(params, token_ids, self.negative_tokens(), key)
+
+
+def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _mean_metrics(train_metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Host means over inner epochs and minibatches, plus the on-policy check."""
+  host = jax.device_get(train_metrics)
+  summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+  # Before any update the ratio of the first minibatch must be 1.
+  summary["onpolicy_ratio_deviation"] = float(np.asarray(host[0]["ratio_max_deviation"]).reshape(-1)[0])
+  return summary
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs DDPO per `config`, writing everything into `workdir`.
+
+  Returns the last epoch's metrics.
+  """
+  validation.validate(config, workdir, jax.device_count())
+  is_main = jax.process_index() == 0
+  reward_fn = rewards_lib.make(config.reward.name, **config.reward.kwargs.to_dict())
+  prompt_fn = prompts_lib.get(config.prompt.name, **config.prompt.kwargs.to_dict())
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  model, params = models.load(
+      config.model.name, revision=config.model.revision or None, dtype=config.model.dtype, from_pt=config.model.from_pt
+  )
+  params = jax.device_put(params, sharding.replicated(mesh))
+  if is_main:
+    _save_config(config, workdir)
+  trainer = Trainer(config, model, mesh)
+  state = trainer.init_state(params)
+  frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
+  negative_context = trainer.negative_context(params)
+  tracker = (
+      advantages_lib.PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
+      if config.stat_tracking.per_prompt
+      else None
+  )
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  executor = concurrent.futures.ThreadPoolExecutor(config.reward.num_threads)
+  root_key = jax.random.PRNGKey(config.seed)
+  samples_per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
+  local_batch = config.sample.batch_size // jax.process_count()
+  summary: dict[str, Any] = {}
+
+  for epoch in range(config.num_epochs):
+    epoch_start = time.time()
+    epoch_key = jax.random.fold_in(root_key, epoch)
+    current = dict(frozen, unet=state.params)
+
+    # --- Sampling: dispatch every batch, then hand each one's images to a
+    # reward thread as soon as they are ready, while the device goes on.
+    prompt_rng = np.random.default_rng([config.seed, epoch, jax.process_index()])
+    batches = []
+    for b in range(config.sample.num_batches_per_epoch):
+      batch_prompts = prompt_fn(prompt_rng, local_batch)
+      trajectory, context, images = trainer.sample(current, batch_prompts, jax.random.fold_in(epoch_key, b))
+      batches.append((batch_prompts, trajectory, context, images))
+    futures, all_prompts, all_images = [], [], []
+    for batch_prompts, _, _, images in tqdm.tqdm(batches, desc=f"epoch {epoch} sampling", leave=False, disable=not is_main):
+      local_images = sharding.local_rows(images)
+      futures.append(executor.submit(reward_fn, local_images, batch_prompts))
+      all_prompts += batch_prompts
+      all_images.append(local_images)
+    rewards = np.concatenate([
+        rewards_lib.check_rewards(config.reward.name, f.result(), images, p)
+        for f, images, (p, *_) in zip(futures, all_images, batches)
+    ])
+    sampling_seconds = time.time() - epoch_start
+
+    # --- Advantages (per prompt or per batch), one per trajectory.
+    advantages = advantages_lib.compute_advantages(all_prompts, rewards, tracker, config.train.adv_clip_max)
+    rollouts = update.Rollouts(
+        latents=jnp.concatenate([b[1].latents for b in batches]),
+        log_probs=jnp.concatenate([b[1].log_probs for b in batches]),
+        timesteps=batches[0][1].timesteps,
+        context=jnp.concatenate([b[2] for b in batches]),
+        advantages=sharding.host_to_global(advantages, trainer.batch_sharding),
+    )
+
+    # --- Training: each inner epoch is one device call.
+    train_start = time.time()
+    train_metrics = []
+    for inner in tqdm.trange(config.train.num_inner_epochs, desc=f"epoch {epoch} training", leave=False, disable=not is_main):
+      state, inner_metrics = trainer.train_inner_epoch(
+          state, rollouts, negative_context, jax.random.fold_in(epoch_key, 10_000 + inner)
+      )
+      train_metrics.append(inner_metrics)
+    summary = _mean_metrics(train_metrics)
+    for name, value in summary.items():
+      if not np.isfinite(value):
+        raise FloatingPointError(f"epoch {epoch}: training metric {name} is {value}; lower config.train.learning_rate.")
+    training_seconds = time.time() - train_start
+
+    # --- Logging.
+    summary.update(
+        epoch=epoch,
+        samples=(epoch + 1) * samples_per_epoch,
+        reward_mean=float(rewards.mean()),
+        reward_std=float(rewards.std()),
+        reward_min=float(rewards.min()),
+        reward_max=float(rewards.max()),
+        sampling_seconds=sampling_seconds,
+        training_seconds=training_seconds,
+        seconds=time.time() - epoch_start,
+    )
+    writer.write_scalars(epoch, summary)
+    writer.write_histogram(epoch, "rewards", rewards)
+    every = config.logging.images_every_epochs
+    if every and (epoch % every == 0 or epoch == config.num_epochs - 1):
+      n = min(config.logging.num_images, len(all_prompts))
+      labels = [f"{r:.3g} {p}" for r, p in zip(rewards[:n], all_prompts[:n])]
+      writer.write_images(epoch, "samples", np.concatenate(all_images)[:n], labels)
+    if is_main:
+      logging.info(
+          "epoch %d | samples %d | reward %.4f ± %.4f | loss %.3g | kl %.3g | clipfrac %.3f | %.1f s",
+          epoch,
+          summary["samples"],
+          summary["reward_mean"],
+          summary["reward_std"],
+          summary["loss"],
+          summary["approx_kl"],
+          summary["clipfrac"],
+          summary["seconds"],
+      )
+
+  executor.shutdown()
+  writer.close()
+  return summary

@@ -1,0 +1,40 @@
+"""The tiny presets end to end: the shipped toy model learns its reward.
+
+These are the slowest tests (a few minutes each on 2 cores): each runs the
+whole program, `train_and_evaluate`, as `python -m ddpo_jax.main` would.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ddpo_jax import config_utils
+from ddpo_jax import train
+
+
+def run(spec, workdir, **overrides):
+  config = config_utils.get_config(spec)
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  train.train_and_evaluate(config, str(workdir))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("spec,direction", [("configs/compress.py:tiny", 1), ("configs/incompress.py:tiny", 1)])
+def test_tiny_preset_improves_its_reward(spec, direction, tmp_path):
+  records = run(spec, tmp_path)
+  assert [r["epoch"] for r in records] == list(range(len(records)))
+  for key in ("samples", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "seconds"):
+    assert all(np.isfinite(r[key]) for r in records), key
+  first = np.mean([r["reward_mean"] for r in records[:2]])
+  last = np.mean([r["reward_mean"] for r in records[-2:]])
+  assert direction * (last - first) > 0.1 * records[0]["reward_std"] + 0.01, (first, last)
+  # The first minibatch of each epoch is on-policy: its ratio is 1.
+  assert max(r["onpolicy_ratio_deviation"] for r in records) < 1e-5
+  assert os.path.exists(tmp_path / "config.json")
+  assert any(name.endswith(".png") for name in os.listdir(tmp_path / "images"))
+  assert os.listdir(tmp_path / "tensorboard")

@@ -1,0 +1,57 @@
+"""Model loading: the tests' tiny model goes through the same code path as SD."""
+
+import jax
+import numpy as np
+
+from ddpo_jax import models
+from ddpo_jax.toy import shapes
+
+
+def test_tiny_model_loads(tiny_loaded):
+  model, params = tiny_loaded
+  assert set(params) == {"unet", "vae", "text_encoder"}
+  assert model.latent_size == 8 and model.vae_scale_factor == 2 and model.image_size == 16
+  assert model.schedule.steps_offset == 1 and model.schedule.prediction_type == "epsilon"
+  np.testing.assert_allclose(model.schedule.final_alpha_cumprod, model.schedule.alphas_cumprod[0], rtol=1e-6)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+
+
+def test_layout_is_diffusers_standard(tiny_model_dir):
+  """The folder also loads with diffusers' own pipeline class."""
+  from diffusers import FlaxStableDiffusionPipeline
+
+  pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(
+      tiny_model_dir, safety_checker=None, feature_extractor=None
+  )
+  assert set(params) >= {"unet", "vae", "text_encoder", "scheduler"}
+  assert pipeline.tokenizer.model_max_length == 12
+
+
+def test_save_load_round_trip(tiny_loaded, tmp_path):
+  model, params = tiny_loaded
+  models.save(model, params, str(tmp_path))
+  _, loaded = models.load(str(tmp_path))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny_model_dir):
+  model, params = models.load(tiny_model_dir, dtype="bfloat16")
+  assert model.unet.dtype == np.dtype("bfloat16")
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
+
+
+def test_every_vocabulary_word_is_one_token(tiny_loaded):
+  model, _ = tiny_loaded
+  for word in shapes.vocabulary():
+    assert len(model.tokenizer.tokenize(word)) == 1, word
+  ids = models.tokenize(model, ["a red circle on a plain blue background", ""])
+  assert ids.shape == (2, 12)
+  bos, eos = model.tokenizer.bos_token_id, model.tokenizer.eos_token_id
+  assert ids[0, 0] == bos and ids[0, 9] == eos and ids[1, 1] == eos
+
+
+def test_local_or_hub_names(tmp_path):
+  assert models.is_local(str(tmp_path)) and models.is_local("./x") and models.is_local(models.TOY_MODEL)
+  assert not models.is_local("CompVis/stable-diffusion-v1-4")
+  assert models.check_model_folder("/nonexistent") is not None

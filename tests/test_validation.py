@@ -1,0 +1,91 @@
+"""Every invalid setting is refused by name, before anything compiles."""
+
+import os
+
+import pytest
+
+from ddpo_jax import config_utils
+from ddpo_jax import validation
+
+
+def tiny():
+  return config_utils.get_config("configs/compress.py:tiny")
+
+
+CASES = [
+    ("sample.batch_size", 30, "config.sample.batch_size=30 must be a positive multiple of the 8 devices"),
+    ("train.batch_size", 12, "config.train.batch_size=12 must be a positive multiple of the 8 devices"),
+    ("train.gradient_accumulation_steps", 3, "do not divide into optimiser steps"),
+    ("train.timestep_fraction", 0.0, "config.train.timestep_fraction=0.0 must be in (0, 1]"),
+    ("train.timestep_fraction", 1.5, "config.train.timestep_fraction=1.5 must be in (0, 1]"),
+    ("sample.eta", 0.0, "config.sample.eta=0.0: a policy gradient needs a stochastic sampler"),
+    ("train.method", "ppo", "config.train.method='ppo' is unknown"),
+    ("reward.name", "jpeg_size", "config.reward.name='jpeg_size' is not a registered reward"),
+    ("reward.name", "no_such_module:make", "config.reward.name='no_such_module:make': cannot import"),
+    ("prompt.name", "animals", "config.prompt.name='animals' is not a registered prompt function"),
+    ("model.name", "/nonexistent/sd", "config.model.name='/nonexistent/sd': '/nonexistent/sd' is not a folder"),
+    ("model.dtype", "float16", "config.model.dtype='float16'"),
+    ("mesh.data", 3, "config.mesh.data x config.mesh.fsdp must equal the 8 devices"),
+    ("train.learning_rate", 0.0, "config.train.learning_rate=0.0 must be > 0"),
+]
+
+
+@pytest.mark.parametrize("setting,value,message", CASES)
+def test_invalid_setting_is_named(setting, value, message, tmp_path):
+  config = tiny()
+  section, name = setting.split(".")
+  config[section][name] = value
+  with pytest.raises(validation.ConfigError) as error:
+    validation.validate(config, str(tmp_path), num_devices=8)
+  assert message in str(error.value)
+
+
+def test_score_function_needs_one_step_per_batch(tmp_path):
+  config = tiny()
+  config.train.method = "ddpo_sf"
+  with pytest.raises(validation.ConfigError, match="gradient_accumulation_steps=10"):
+    validation.validate(config, str(tmp_path), num_devices=8)
+  config.train.gradient_accumulation_steps = 10
+  validation.validate(config, str(tmp_path), num_devices=8)
+
+
+def test_model_folder_without_components(tmp_path):
+  config = tiny()
+  config.model.name = str(tmp_path)
+  with pytest.raises(validation.ConfigError, match="lacks the sub-folders"):
+    validation.validate(config, str(tmp_path), num_devices=8)
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(validation.ConfigError, match="--workdir=.* cannot be written"):
+    validation.validate(tiny(), str(blocker / "run"), num_devices=8)
+
+
+@pytest.mark.parametrize("spec", ["configs/compress.py", "configs/incompress.py", "configs/compress.py:tiny", "configs/incompress.py:tiny"])
+def test_shipped_configs_are_valid(spec, tmp_path):
+  config = config_utils.get_config(spec)
+  devices = 8 if spec.endswith("tiny") else 32  # the paper's TPU v4-64 has 32 chips
+  if not spec.endswith("tiny"):
+    config.model.name = "CompVis/stable-diffusion-v1-4"  # a Hub id: not checked offline
+  validation.validate(config, str(tmp_path), num_devices=devices)
+
+
+def test_unknown_preset():
+  with pytest.raises(ValueError, match="Unknown preset 'huge'"):
+    config_utils.get_config("configs/compress.py:huge")
+
+
+def test_main_refuses_before_loading(tmp_path):
+  """The command line reports a bad setting without compiling or downloading."""
+  import subprocess
+  import sys
+
+  result = subprocess.run(
+      [sys.executable, "-m", "ddpo_jax.main", "--config=configs/compress.py:tiny", f"--workdir={tmp_path}",
+       "--config.train.timestep_fraction=2.0"],
+      capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)),
+  )
+  assert result.returncode != 0
+  assert "config.train.timestep_fraction=2.0 must be in (0, 1]" in result.stderr

@@ -1,0 +1,36 @@
+"""A tiny random SD-shaped model for tests: 8x8x4 latents, 16 px images."""
+
+from __future__ import annotations
+
+import os
+
+from ddpo_jax import models
+from ddpo_jax.toy import shapes
+
+UNET_CONFIG = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 32),
+    layers_per_block=1,
+    attention_head_dim=8,
+    cross_attention_dim=16,
+)
+VAE_CONFIG = dict(
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(16, 16),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=16,
+)
+TEXT_CONFIG = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16)
+
+
+def save_tiny_model(path: str, seed: int = 0) -> None:
+  tokenizer = models.build_tokenizer(shapes.vocabulary(), os.path.join(path, "_tokenizer_src"), max_length=12)
+  model, params = models.build(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, tokenizer, seed)
+  models.save(model, params, path)
