@@ -231,25 +231,30 @@ def _scheduler_config(schedule: NoiseSchedule) -> dict:
 
 
 def build_tokenizer(words: list[str], directory: str, max_length: int):
-  """Builds a CLIP BPE tokenizer whose vocabulary holds `words` whole.
+  """Builds a CLIP BPE tokenizer from the words of a closed vocabulary.
 
   CLIP's byte-level BPE needs every byte symbol (alone and word-final) in the
-  vocabulary; each word is then merged left to right into one token.
+  vocabulary; each word adds the merges that spell it left to right. Merges
+  are tried lowest rank first, so a few words end up as two or three pieces
+  ("purple" -> "pur", "pl", "e</w>", since "pl" of "plain" ranks earlier), as
+  in CLIP's own vocabulary; the pieces are the same for every caption.
   """
   from transformers import CLIPTokenizer
   from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
   symbols = list(bytes_to_unicode().values())
   vocab = symbols + [s + "</w>" for s in symbols]
-  merges: list[tuple[str, str]] = []
+  merges = []
   for word in sorted(set(words)):
-    # Merges are tried lowest rank first, so a merge made for an earlier word
-    # can split a later one ("pl" of "plain" inside "purple"): append the
-    # merge of the first two pieces until the word is one token. A new merge
-    # ranks last, so it never changes how the earlier words merge.
-    while len(pieces := _bpe(word, merges)) > 1:
-      merges.append((pieces[0], pieces[1]))
-      vocab.append(pieces[0] + pieces[1])
+    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    current = pieces[0]
+    for piece in pieces[1:]:
+      merged = current + piece
+      if (current, piece) not in merges:
+        merges.append((current, piece))
+      if merged not in vocab:
+        vocab.append(merged)
+      current = merged
   vocab += ["<|startoftext|>", "<|endoftext|>"]
   os.makedirs(directory, exist_ok=True)
   vocab_file = os.path.join(directory, "vocab.json")
@@ -259,19 +264,6 @@ def build_tokenizer(words: list[str], directory: str, max_length: int):
   with open(merges_file, "w") as f:
     f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
   return CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length)
-
-
-def _bpe(word: str, merges: list[tuple[str, str]]) -> list[str]:
-  """CLIP's BPE of one lower-case ASCII word under `merges` (lowest rank first)."""
-  ranks = {pair: i for i, pair in enumerate(merges)}
-  pieces = list(word[:-1]) + [word[-1] + "</w>"]
-  while len(pieces) > 1:
-    pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
-    rank, i = min(pairs)
-    if rank == len(ranks):
-      break
-    pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
-  return pieces
 
 
 def build(
@@ -356,7 +348,7 @@ def predict_noise(
     model: DiffusionModel, unet_params: Params, latents: jax.Array, timesteps: jax.Array, context: jax.Array
 ) -> jax.Array:
   """The UNet's raw output [B, C, h, w] for latents [B, C, h, w] at int timesteps [B]."""
-  return model.unet.apply({"params": unet_params}, latents, timesteps, context).sample
+  return model.unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), context).sample
 
 
 def decode_latents(model: DiffusionModel, vae_params: Params, latents: jax.Array) -> jax.Array:

@@ -14,11 +14,12 @@ evaluating generalisation after training on the others.
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Callable, Sequence
 
 import numpy as np
+
+from ddpo_jax import registry
 
 PromptFn = Callable[[np.random.Generator, int], list[str]]
 PromptFactory = Callable[..., PromptFn]
@@ -28,47 +29,22 @@ DATA_DIR = os.path.join(os.path.dirname(__file__), "data", "prompts")
 NUM_IMAGENET_ANIMALS = 398
 UNSEEN_ACTIVITY = "taking an exam"
 
-_REGISTRY: dict[str, PromptFactory] = {}
+_REGISTRY = registry.Registry("prompt function")
 
 
-def register(name: str) -> Callable[[PromptFactory], PromptFactory]:
-  """Decorator adding a prompt-function factory to the registry under `name`."""
-
-  def decorator(factory: PromptFactory) -> PromptFactory:
-    if name in _REGISTRY:
-      raise ValueError(f"prompt function {name!r} is already registered")
-    _REGISTRY[name] = factory
-    return factory
-
-  return decorator
+def register(name: str):
+  """Decorator adding a factory to the registry under `name`."""
+  return _REGISTRY.register(name)
 
 
 def registered() -> list[str]:
-  """The registered prompt-function names, sorted."""
-  return sorted(_REGISTRY)
+  """The registered names, sorted."""
+  return _REGISTRY.names()
 
 
 def get(name: str, **kwargs) -> PromptFn:
-  """The prompt function `name` (registered, or "package.module:factory") built with kwargs."""
-  if name in _REGISTRY:
-    return _REGISTRY[name](**kwargs)
-  if ":" in name:
-    return _import_object(name)(**kwargs)
-  raise ValueError(
-      f"unknown prompt function {name!r}; registered ones are {registered()}, "
-      "or give an import path 'package.module:factory'."
-  )
-
-
-def _import_object(path: str):
-  module_name, _, attr = path.partition(":")
-  try:
-    module = importlib.import_module(module_name)
-  except ImportError as e:
-    raise ValueError(f"cannot import module {module_name!r} of {path!r}: {e}") from e
-  if not hasattr(module, attr):
-    raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})")
-  return getattr(module, attr)
+  """`name` (registered, or "package.module:factory") built with kwargs."""
+  return _REGISTRY.make(name, **kwargs)
 
 
 def read_lines(path: str) -> list[str]:

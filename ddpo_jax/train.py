@@ -162,6 +162,57 @@ def _mean_metrics(train_metrics: list[dict[str, jax.Array]]) -> dict[str, float]
   return summary
 
 
+def _log_epoch(
+    writer: metrics_lib.MetricWriter,
+    config: ml_collections.ConfigDict,
+    epoch: int,
+    epoch_start: float,
+    train_start: float,
+    train_metrics: list[dict[str, jax.Array]],
+    rewards: np.ndarray,
+    prompts: list[str],
+    images: list[np.ndarray],
+    host_metrics: dict[str, float],
+) -> dict[str, Any]:
+  """Fetches an epoch's training metrics (blocking until its training is
+  done), checks them, and writes the epoch's record, histogram and grid."""
+  summary = _mean_metrics(train_metrics)
+  done = time.time()
+  for name, value in summary.items():
+    if not np.isfinite(value):
+      raise FloatingPointError(f"epoch {epoch}: training metric {name} is {value}; lower config.train.learning_rate.")
+  summary.update(
+      host_metrics,
+      epoch=epoch,
+      reward_mean=float(rewards.mean()),
+      reward_std=float(rewards.std()),
+      reward_min=float(rewards.min()),
+      reward_max=float(rewards.max()),
+      training_seconds=done - train_start,
+      seconds=done - epoch_start,
+  )
+  writer.write_scalars(epoch, summary)
+  writer.write_histogram(epoch, "rewards", rewards)
+  every = config.logging.images_every_epochs
+  if every and (epoch % every == 0 or epoch == config.num_epochs - 1):
+    n = min(config.logging.num_images, len(prompts))
+    labels = [f"{r:.3g} {p}" for r, p in zip(rewards[:n], prompts[:n])]
+    writer.write_images(epoch, "samples", np.concatenate(images)[:n], labels)
+  if jax.process_index() == 0:
+    logging.info(
+        "epoch %d | samples %d | reward %.4f ± %.4f | loss %.3g | kl %.3g | clipfrac %.3f | %.1f s",
+        epoch,
+        summary["samples"],
+        summary["reward_mean"],
+        summary["reward_std"],
+        summary["loss"],
+        summary["approx_kl"],
+        summary["clipfrac"],
+        summary["seconds"],
+    )
+  return summary
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs DDPO per `config`, writing everything into `workdir`.
 
@@ -192,6 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   root_key = jax.random.PRNGKey(config.seed)
   samples_per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
   local_batch = config.sample.batch_size // jax.process_count()
+  pending = None  # the previous epoch, logged once the next one's sampling is dispatched
   summary: dict[str, Any] = {}
 
   for epoch in range(config.num_epochs):
@@ -207,6 +259,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch_prompts = prompt_fn(prompt_rng, local_batch)
       trajectory, context, images = trainer.sample(current, batch_prompts, jax.random.fold_in(epoch_key, b))
       batches.append((batch_prompts, trajectory, context, images))
+    if pending is not None:  # the device is busy sampling: log the last epoch now
+      summary = _log_epoch(writer, config, **pending)
+      pending = None
     futures, all_prompts, all_images = [], [], []
     for batch_prompts, _, _, images in tqdm.tqdm(batches, desc=f"epoch {epoch} sampling", leave=False, disable=not is_main):
       local_images = sharding.local_rows(images)
@@ -229,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         advantages=sharding.host_to_global(advantages, trainer.batch_sharding),
     )
 
-    # --- Training: each inner epoch is one device call.
+    # --- Training: dispatched asynchronously, one device call per optimiser step.
     train_start = time.time()
     train_metrics = []
     for inner in tqdm.trange(config.train.num_inner_epochs, desc=f"epoch {epoch} training", leave=False, disable=not is_main):
@@ -237,44 +292,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           state, rollouts, negative_context, jax.random.fold_in(epoch_key, 10_000 + inner)
       )
       train_metrics.append(inner_metrics)
-    summary = _mean_metrics(train_metrics)
-    for name, value in summary.items():
-      if not np.isfinite(value):
-        raise FloatingPointError(f"epoch {epoch}: training metric {name} is {value}; lower config.train.learning_rate.")
-    training_seconds = time.time() - train_start
-
-    # --- Logging.
-    summary.update(
+    pending = dict(
         epoch=epoch,
-        samples=(epoch + 1) * samples_per_epoch,
-        reward_mean=float(rewards.mean()),
-        reward_std=float(rewards.std()),
-        reward_min=float(rewards.min()),
-        reward_max=float(rewards.max()),
-        sampling_seconds=sampling_seconds,
-        training_seconds=training_seconds,
-        seconds=time.time() - epoch_start,
+        epoch_start=epoch_start,
+        train_start=train_start,
+        train_metrics=train_metrics,
+        rewards=rewards,
+        prompts=all_prompts,
+        images=all_images,
+        host_metrics=dict(
+            samples=(epoch + 1) * samples_per_epoch,
+            sampling_seconds=sampling_seconds,
+            **({f"stat_tracker_{k}": v for k, v in tracker.stats().items()} if tracker else {}),
+        ),
     )
-    writer.write_scalars(epoch, summary)
-    writer.write_histogram(epoch, "rewards", rewards)
-    every = config.logging.images_every_epochs
-    if every and (epoch % every == 0 or epoch == config.num_epochs - 1):
-      n = min(config.logging.num_images, len(all_prompts))
-      labels = [f"{r:.3g} {p}" for r, p in zip(rewards[:n], all_prompts[:n])]
-      writer.write_images(epoch, "samples", np.concatenate(all_images)[:n], labels)
-    if is_main:
-      logging.info(
-          "epoch %d | samples %d | reward %.4f ± %.4f | loss %.3g | kl %.3g | clipfrac %.3f | %.1f s",
-          epoch,
-          summary["samples"],
-          summary["reward_mean"],
-          summary["reward_std"],
-          summary["loss"],
-          summary["approx_kl"],
-          summary["clipfrac"],
-          summary["seconds"],
-      )
 
+  if pending is not None:
+    summary = _log_epoch(writer, config, **pending)
   executor.shutdown()
   writer.close()
   return summary

@@ -5,7 +5,6 @@ Every error names the setting and the fix.
 
 from __future__ import annotations
 
-import importlib
 import os
 import tempfile
 
@@ -14,6 +13,7 @@ import ml_collections
 from ddpo_jax import models
 from ddpo_jax import objectives
 from ddpo_jax import prompts
+from ddpo_jax import registry
 from ddpo_jax import rewards
 from ddpo_jax import sharding
 
@@ -22,21 +22,20 @@ class ConfigError(ValueError):
   """An invalid setting or combination of settings."""
 
 
-def _check_factory(kind: str, setting: str, name: str, registry: list[str]) -> None:
-  if name in registry:
+def _check_factory(kind: str, setting: str, name: str, registered: list[str]) -> None:
+  if name in registered:
     return
-  module_name, sep, attr = name.partition(":")
-  if not sep:
+  if ":" not in name:
     raise ConfigError(
-        f"{setting}={name!r} is not a registered {kind} ({sorted(registry)}) nor an import path "
+        f"{setting}={name!r} is not a registered {kind} ({registered}) nor an import path "
         "'package.module:factory'; fix the name or give the import path of your own."
     )
   try:
-    module = importlib.import_module(module_name)
-  except ImportError as e:
-    raise ConfigError(f"{setting}={name!r}: cannot import {module_name!r} ({e}); check the import path.") from e
-  if not callable(getattr(module, attr, None)):
-    raise ConfigError(f"{setting}={name!r}: {module_name!r} has no callable {attr!r}; check the import path.")
+    factory = registry.import_object(name)
+  except ValueError as e:
+    raise ConfigError(f"{setting}={name!r}: {e}; check the import path.") from e
+  if not callable(factory):
+    raise ConfigError(f"{setting}={name!r} is not callable; give the import path of a factory function.")
 
 
 def _check_workdir(workdir: str) -> None:

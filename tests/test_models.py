@@ -41,10 +41,12 @@ def test_bfloat16_compute_keeps_float32_params(tiny_model_dir):
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
 
 
-def test_every_vocabulary_word_is_one_token(tiny_loaded):
+def test_vocabulary_words_are_spelt_by_few_tokens(tiny_loaded):
   model, _ = tiny_loaded
   for word in shapes.vocabulary():
-    assert len(model.tokenizer.tokenize(word)) == 1, word
+    pieces = model.tokenizer.tokenize(word)
+    assert len(pieces) <= 3 and "".join(pieces) == word + "</w>", (word, pieces)
+  assert sum(len(model.tokenizer.tokenize(w)) == 1 for w in shapes.vocabulary()) >= 15
   ids = models.tokenize(model, ["a red circle on a plain blue background", ""])
   assert ids.shape == (2, 12)
   bos, eos = model.tokenizer.bos_token_id, model.tokenizer.eos_token_id
@@ -55,3 +57,25 @@ def test_local_or_hub_names(tmp_path):
   assert models.is_local(str(tmp_path)) and models.is_local("./x") and models.is_local(models.TOY_MODEL)
   assert not models.is_local("CompVis/stable-diffusion-v1-4")
   assert models.check_model_folder("/nonexistent") is not None
+
+
+def test_pytorch_weights_are_converted(tiny_model_dir, tmp_path):
+  """A folder of PyTorch weights loads with from_pt and computes what torch does."""
+  import torch
+  from diffusers import UNet2DConditionModel
+
+  from tests import tiny_model
+
+  torch_dir = str(tmp_path / "pt")
+  tiny_model.save_as_pytorch(tiny_model_dir, torch_dir)
+  model, params = models.load(torch_dir, from_pt=True)
+  rng = np.random.default_rng(0)
+  latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+  context = rng.standard_normal((2, 12, 16)).astype(np.float32)
+  timesteps = np.array([10, 500])
+  ours = np.asarray(models.predict_noise(model, params["unet"], latents, timesteps, context))
+  with torch.no_grad():
+    reference = UNet2DConditionModel.from_pretrained(torch_dir, subfolder="unet")(
+        torch.from_numpy(latents), torch.from_numpy(timesteps), torch.from_numpy(context)
+    ).sample.numpy()
+  np.testing.assert_allclose(ours, reference, atol=2e-4 * np.abs(reference).max())

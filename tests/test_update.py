@@ -69,7 +69,7 @@ def test_sample_shapes(setup):
   assert context.shape == (n, model.max_prompt_tokens, model.text_hidden_size)
 
 
-@pytest.mark.parametrize("batch_size", [16, 8])
+@pytest.mark.parametrize("batch_size", [64, 16, 8])
 def test_on_policy_ratio_is_one(setup, batch_size):
   """Before any update, the training pass recomputes the sampling log-probs."""
   config, model, params, trainer, trajectory, context, _ = setup

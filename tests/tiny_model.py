@@ -34,3 +34,23 @@ def save_tiny_model(path: str, seed: int = 0) -> None:
   tokenizer = models.build_tokenizer(shapes.vocabulary(), os.path.join(path, "_tokenizer_src"), max_length=12)
   model, params = models.build(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, tokenizer, seed)
   models.save(model, params, path)
+
+
+def save_as_pytorch(flax_dir: str, torch_dir: str) -> None:
+  """Writes a model folder of the same configs with PyTorch weights (random:
+  what matters is that the Flax conversion reproduces the torch outputs)."""
+  import shutil
+
+  from diffusers import AutoencoderKL, UNet2DConditionModel
+  from transformers import CLIPTextConfig, CLIPTextModel
+
+  shutil.copytree(flax_dir, torch_dir)
+  for sub in ("unet", "vae", "text_encoder"):
+    for name in os.listdir(os.path.join(torch_dir, sub)):
+      if name.endswith(".msgpack"):
+        os.remove(os.path.join(torch_dir, sub, name))
+  for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+    folder = os.path.join(torch_dir, sub)
+    cls.from_config(cls.load_config(folder)).save_pretrained(folder, safe_serialization=False)
+  folder = os.path.join(torch_dir, "text_encoder")
+  CLIPTextModel(CLIPTextConfig.from_pretrained(folder)).save_pretrained(folder, safe_serialization=False)

@@ -16,55 +16,31 @@ toy_alignment (`toy_alignment.py`).
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Sequence
 
 import numpy as np
 
+from ddpo_jax import registry
+
 RewardFn = Callable[[np.ndarray, list[str]], np.ndarray]
 RewardFactory = Callable[..., RewardFn]
 
-_REGISTRY: dict[str, RewardFactory] = {}
+_REGISTRY = registry.Registry("reward")
 
 
-def register(name: str) -> Callable[[RewardFactory], RewardFactory]:
-  """Decorator adding a reward factory to the registry under `name`."""
-
-  def decorator(factory: RewardFactory) -> RewardFactory:
-    if name in _REGISTRY:
-      raise ValueError(f"reward {name!r} is already registered")
-    _REGISTRY[name] = factory
-    return factory
-
-  return decorator
+def register(name: str):
+  """Decorator adding a factory to the registry under `name`."""
+  return _REGISTRY.register(name)
 
 
 def registered() -> list[str]:
-  """The registered reward names, sorted."""
-  return sorted(_REGISTRY)
+  """The registered names, sorted."""
+  return _REGISTRY.names()
 
 
 def make(name: str, **kwargs) -> RewardFn:
-  """The reward `name` (registered, or "package.module:factory") built with kwargs."""
-  if name in _REGISTRY:
-    return _REGISTRY[name](**kwargs)
-  if ":" in name:
-    return _import_object(name)(**kwargs)
-  raise ValueError(
-      f"unknown reward {name!r}; registered ones are {registered()}, "
-      "or give an import path 'package.module:factory'."
-  )
-
-
-def _import_object(path: str):
-  module_name, _, attr = path.partition(":")
-  try:
-    module = importlib.import_module(module_name)
-  except ImportError as e:
-    raise ValueError(f"cannot import module {module_name!r} of {path!r}: {e}") from e
-  if not hasattr(module, attr):
-    raise ValueError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})")
-  return getattr(module, attr)
+  """`name` (registered, or "package.module:factory") built with kwargs."""
+  return _REGISTRY.make(name, **kwargs)
 
 
 def check_images(images: np.ndarray) -> np.ndarray:

@@ -112,9 +112,11 @@ def train_vae(model, params, steps, batch_size, rng, key):
 
 
 def latent_std(model, params, rng, num_images=1024):
+  """Std of the VAE's unscaled latents (posterior modes) of fresh images."""
   images, _ = shapes.sample_batch(rng, num_images)
   encode = jax.jit(lambda p, x: models.encode_images(model, p, x, None))
-  return float(jnp.std(encode(params["vae"], to_unit_range(images))))
+  scaled = encode(params["vae"], to_unit_range(images))
+  return float(jnp.std(scaled)) / model.vae_scaling_factor
 
 
 # ----------------------------------------------------------------------------
@@ -180,9 +182,9 @@ def pretrain(
 ):
   """Runs both stages and saves the model to `out`.
 
-  With `vae_from` (a model folder made by an earlier run with the same seed
-  and VAE settings), stage 1 is not trained again: its VAE is loaded and the
-  data stream is advanced past stage 1, so the result equals a full run.
+  With `vae_from`, a model folder written by an earlier run with the same
+  seed and VAE settings, stage 1 is not trained again: its VAE is loaded and
+  the data stream is advanced past stage 1, so the result is the same.
   """
   rng = np.random.default_rng(seed)
   key = jax.random.PRNGKey(seed)
