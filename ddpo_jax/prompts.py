@@ -125,6 +125,12 @@ def toy_scenes() -> PromptFn:
   return uniform([scene.caption for scene in shapes.all_scenes()])
 
 
+@register("constant")
+def constant(prompt: str = "") -> PromptFn:
+  """The same prompt every time; "" samples the model unconditionally."""
+  return lambda rng, batch_size: [prompt] * batch_size
+
+
 # Held-out sets.
 
 

@@ -24,15 +24,17 @@ def run(spec, workdir, **overrides):
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("spec,direction", [("configs/compress.py:tiny", 1), ("configs/incompress.py:tiny", 1)])
-def test_tiny_preset_improves_its_reward(spec, direction, tmp_path):
+# compress: reward = -kB rises (images get more compressible); incompress:
+# reward = +kB rises (less compressible).
+@pytest.mark.parametrize("spec", ["configs/compress.py:tiny", "configs/incompress.py:tiny"])
+def test_tiny_preset_improves_its_reward(spec, tmp_path):
   records = run(spec, tmp_path)
   assert [r["epoch"] for r in records] == list(range(len(records)))
   for key in ("samples", "reward_mean", "reward_std", "loss", "approx_kl", "clipfrac", "seconds"):
     assert all(np.isfinite(r[key]) for r in records), key
   first = np.mean([r["reward_mean"] for r in records[:2]])
   last = np.mean([r["reward_mean"] for r in records[-2:]])
-  assert direction * (last - first) > 0.1 * records[0]["reward_std"] + 0.01, (first, last)
+  assert last - first > 0.5 * records[0]["reward_std"], (first, last)
   # The first minibatch of each epoch is on-policy: its ratio is 1.
   assert max(r["onpolicy_ratio_deviation"] for r in records) < 1e-5
   assert os.path.exists(tmp_path / "config.json")

@@ -16,6 +16,7 @@ CASES = [
     ("sample.batch_size", 30, "config.sample.batch_size=30 must be a positive multiple of the 8 devices"),
     ("train.batch_size", 12, "config.train.batch_size=12 must be a positive multiple of the 8 devices"),
     ("train.gradient_accumulation_steps", 3, "do not divide into optimiser steps"),
+    ("train.num_inner_epochs", 0, "config.train.num_inner_epochs=0 must be >= 1"),
     ("train.timestep_fraction", 0.0, "config.train.timestep_fraction=0.0 must be in (0, 1]"),
     ("train.timestep_fraction", 1.5, "config.train.timestep_fraction=1.5 must be in (0, 1]"),
     ("sample.eta", 0.0, "config.sample.eta=0.0: a policy gradient needs a stochastic sampler"),
@@ -43,6 +44,7 @@ def test_invalid_setting_is_named(setting, value, message, tmp_path):
 def test_score_function_needs_one_step_per_batch(tmp_path):
   config = tiny()
   config.train.method = "ddpo_sf"
+  config.train.gradient_accumulation_steps = 2
   with pytest.raises(validation.ConfigError, match="gradient_accumulation_steps=10"):
     validation.validate(config, str(tmp_path), num_devices=8)
   config.train.gradient_accumulation_steps = 10
