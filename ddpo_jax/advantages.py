@@ -74,24 +74,24 @@ class PerPromptStatTracker:
   def load_state(self, state: dict[str, list[float]]) -> None:
     """Replaces the buffers by `state` (from `state()`); keeps the newest buffer_size."""
     self._buffers = {
-        prompt: collections.deque((float(r) for r in rewards), maxlen=self.buffer_size)
-        for prompt, rewards in state.items()
+      prompt: collections.deque((float(r) for r in rewards), maxlen=self.buffer_size)
+      for prompt, rewards in state.items()
     }
 
   def stats(self) -> dict[str, float]:
     """Counts for logging: tracked prompts and their mean buffer length."""
     lengths = [len(b) for b in self._buffers.values()]
     return {
-        "num_prompts": len(lengths),
-        "mean_buffer_length": float(np.mean(lengths)) if lengths else 0.0,
+      "num_prompts": len(lengths),
+      "mean_buffer_length": float(np.mean(lengths)) if lengths else 0.0,
     }
 
 
 def compute_advantages(
-    prompts: Sequence[str],
-    rewards: np.ndarray,
-    tracker: PerPromptStatTracker | None,
-    clip: float,
+  prompts: Sequence[str],
+  rewards: np.ndarray,
+  tracker: PerPromptStatTracker | None,
+  clip: float,
 ) -> np.ndarray:
   """float32 [B] advantages: per-prompt if `tracker` is given, else batch-normalised, clipped to ±clip."""
   if clip <= 0:

@@ -37,17 +37,17 @@ def _broadcast(x: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def ddim_step_with_logprob(
-    model_output: jax.Array,
-    timestep: jax.Array,
-    sample: jax.Array,
-    *,
-    alphas_cumprod: jax.Array,
-    final_alpha_cumprod: float,
-    step_ratio: int,
-    eta: float,
-    key: jax.Array | None = None,
-    prev_sample: jax.Array | None = None,
-    prediction_type: str = "epsilon",
+  model_output: jax.Array,
+  timestep: jax.Array,
+  sample: jax.Array,
+  *,
+  alphas_cumprod: jax.Array,
+  final_alpha_cumprod: float,
+  step_ratio: int,
+  eta: float,
+  key: jax.Array | None = None,
+  prev_sample: jax.Array | None = None,
+  prediction_type: str = "epsilon",
 ) -> tuple[jax.Array, jax.Array]:
   """One DDIM step x_t -> x_{t'} (t' = t - step_ratio) and log p(x_{t'} | x_t).
 

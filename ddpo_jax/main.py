@@ -5,7 +5,9 @@ r"""Runs DDPO.
 Any setting can be overridden: --config.train.learning_rate=3e-4.
 """
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from ddpo_jax import train

@@ -18,10 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Sequence
+from typing import Any
+from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from PIL import ImageDraw
+from PIL import ImageFont
 
 METRICS_FILE = "metrics.jsonl"
 LABEL_LINES = 3  # lines of label text under each grid image
@@ -183,7 +186,7 @@ class MetricWriter:
       self._tensorboard.add_histogram(name, values, int(step))
 
   def write_images(
-      self, step: int, name: str, images: np.ndarray, labels: Sequence[str], columns: int = 8, scale: int = 4
+    self, step: int, name: str, images: np.ndarray, labels: Sequence[str], columns: int = 8, scale: int = 4
   ) -> str | None:
     """Saves a labelled grid (see `make_grid`) to images/{name}_{step:05d}.png and TensorBoard.
 

@@ -128,18 +128,18 @@ def _schedule_from_scheduler(scheduler) -> NoiseSchedule:
   state = scheduler.create_state()
   config = scheduler.config
   return NoiseSchedule(
-      alphas_cumprod=np.asarray(state.common.alphas_cumprod, np.float64),
-      final_alpha_cumprod=float(state.final_alpha_cumprod),
-      steps_offset=int(config.steps_offset),
-      prediction_type=str(config.prediction_type),
+    alphas_cumprod=np.asarray(state.common.alphas_cumprod, np.float64),
+    final_alpha_cumprod=float(state.final_alpha_cumprod),
+    steps_offset=int(config.steps_offset),
+    prediction_type=str(config.prediction_type),
   )
 
 
 def load(
-    name: str,
-    revision: str | None = None,
-    dtype: str = "float32",
-    from_pt: bool = False,
+  name: str,
+  revision: str | None = None,
+  dtype: str = "float32",
+  from_pt: bool = False,
 ) -> tuple[DiffusionModel, Params]:
   """Loads a model from a local folder or a Hugging Face id.
 
@@ -154,8 +154,11 @@ def load(
   Returns:
     The model and its params {"unet", "vae", "text_encoder"}.
   """
-  from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
-  from transformers import CLIPTokenizer, FlaxCLIPTextModel
+  from diffusers import FlaxAutoencoderKL
+  from diffusers import FlaxDDIMScheduler
+  from diffusers import FlaxUNet2DConditionModel
+  from transformers import CLIPTokenizer
+  from transformers import FlaxCLIPTextModel
 
   path = os.path.expanduser(resolve_path(name))
   compute_dtype = jnp.dtype(dtype)
@@ -166,12 +169,12 @@ def load(
   tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
   scheduler, _ = FlaxDDIMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
   model = DiffusionModel(
-      unet=unet,
-      vae=vae,
-      text_encoder=text_encoder,
-      tokenizer=tokenizer,
-      schedule=_schedule_from_scheduler(scheduler),
-      path=path,
+    unet=unet,
+    vae=vae,
+    text_encoder=text_encoder,
+    tokenizer=tokenizer,
+    schedule=_schedule_from_scheduler(scheduler),
+    path=path,
   )
   params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_encoder.params}
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
@@ -196,15 +199,15 @@ def save(model: DiffusionModel, params: Params, path: str) -> None:
   model.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
   FlaxDDIMScheduler(**_scheduler_config(model.schedule)).save_pretrained(os.path.join(path, "scheduler"))
   index = {
-      "_class_name": "FlaxStableDiffusionPipeline",
-      "_diffusers_version": diffusers.__version__,
-      "feature_extractor": [None, None],
-      "safety_checker": [None, None],
-      "scheduler": ["diffusers", "FlaxDDIMScheduler"],
-      "text_encoder": ["transformers", "FlaxCLIPTextModel"],
-      "tokenizer": ["transformers", "CLIPTokenizer"],
-      "unet": ["diffusers", "FlaxUNet2DConditionModel"],
-      "vae": ["diffusers", "FlaxAutoencoderKL"],
+    "_class_name": "FlaxStableDiffusionPipeline",
+    "_diffusers_version": diffusers.__version__,
+    "feature_extractor": [None, None],
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "FlaxDDIMScheduler"],
+    "text_encoder": ["transformers", "FlaxCLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "FlaxUNet2DConditionModel"],
+    "vae": ["diffusers", "FlaxAutoencoderKL"],
   }
   with open(os.path.join(path, "model_index.json"), "w") as f:
     json.dump(index, f, indent=2)
@@ -213,14 +216,14 @@ def save(model: DiffusionModel, params: Params, path: str) -> None:
 # SD v1's scheduler settings (scaled-linear betas over 1000 steps, epsilon
 # prediction, steps_offset 1, set_alpha_to_one false).
 SD_V1_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
+  num_train_timesteps=1000,
+  beta_start=0.00085,
+  beta_end=0.012,
+  beta_schedule="scaled_linear",
+  clip_sample=False,
+  set_alpha_to_one=False,
+  steps_offset=1,
+  prediction_type="epsilon",
 )
 
 
@@ -267,17 +270,20 @@ def build_tokenizer(words: list[str], directory: str, max_length: int):
 
 
 def build(
-    unet_config: dict,
-    vae_config: dict,
-    text_config: dict,
-    tokenizer,
-    seed: int,
-    schedule_config: dict | None = None,
+  unet_config: dict,
+  vae_config: dict,
+  text_config: dict,
+  tokenizer,
+  seed: int,
+  schedule_config: dict | None = None,
 ) -> tuple[DiffusionModel, Params]:
   """A randomly initialised model of the given component configs (for the toy
   world's pretraining and for tests)."""
-  from diffusers import FlaxAutoencoderKL, FlaxDDIMScheduler, FlaxUNet2DConditionModel
-  from transformers import CLIPTextConfig, FlaxCLIPTextModel
+  from diffusers import FlaxAutoencoderKL
+  from diffusers import FlaxDDIMScheduler
+  from diffusers import FlaxUNet2DConditionModel
+  from transformers import CLIPTextConfig
+  from transformers import FlaxCLIPTextModel
 
   unet_key, vae_key, text_key = jax.random.split(jax.random.PRNGKey(seed), 3)
   unet = FlaxUNet2DConditionModel(**unet_config)
@@ -286,20 +292,22 @@ def build(
   text_config.setdefault("eos_token_id", tokenizer.eos_token_id)
   text_config.setdefault("bos_token_id", tokenizer.bos_token_id)
   text_config.setdefault("pad_token_id", tokenizer.pad_token_id)
-  text_encoder = FlaxCLIPTextModel(CLIPTextConfig(**text_config), seed=int(jax.random.randint(text_key, (), 0, 2**31 - 1)))
+  text_encoder = FlaxCLIPTextModel(
+    CLIPTextConfig(**text_config), seed=int(jax.random.randint(text_key, (), 0, 2**31 - 1))
+  )
   scheduler = FlaxDDIMScheduler(**(schedule_config or SD_V1_SCHEDULER))
   model = DiffusionModel(
-      unet=unet,
-      vae=vae,
-      text_encoder=text_encoder,
-      tokenizer=tokenizer,
-      schedule=_schedule_from_scheduler(scheduler),
-      path="",
+    unet=unet,
+    vae=vae,
+    text_encoder=text_encoder,
+    tokenizer=tokenizer,
+    schedule=_schedule_from_scheduler(scheduler),
+    path="",
   )
   params = {
-      "unet": unet.init_weights(unet_key),
-      "vae": vae.init_weights(vae_key),
-      "text_encoder": text_encoder.params,
+    "unet": unet.init_weights(unet_key),
+    "vae": vae.init_weights(vae_key),
+    "text_encoder": text_encoder.params,
   }
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), jax.tree.map(np.asarray, _unfreeze(params)))
   return model, params
@@ -329,7 +337,7 @@ def _unfreeze(tree):
 def tokenize(model: DiffusionModel, prompts: list[str]) -> np.ndarray:
   """Token ids int32 [B, max_prompt_tokens], padded and truncated like SD."""
   tokens = model.tokenizer(
-      list(prompts), padding="max_length", max_length=model.max_prompt_tokens, truncation=True, return_tensors="np"
+    list(prompts), padding="max_length", max_length=model.max_prompt_tokens, truncation=True, return_tensors="np"
   )
   return tokens.input_ids.astype(np.int32)
 
@@ -339,13 +347,13 @@ def encode_prompts(model: DiffusionModel, text_params: Params, token_ids: jax.Ar
   position_ids = jnp.broadcast_to(jnp.arange(token_ids.shape[-1]), token_ids.shape)
   attention_mask = jnp.ones_like(token_ids)
   outputs = model.text_encoder.module.apply(
-      {"params": text_params}, token_ids, attention_mask, position_ids, deterministic=True
+    {"params": text_params}, token_ids, attention_mask, position_ids, deterministic=True
   )
   return outputs[0]
 
 
 def predict_noise(
-    model: DiffusionModel, unet_params: Params, latents: jax.Array, timesteps: jax.Array, context: jax.Array
+  model: DiffusionModel, unet_params: Params, latents: jax.Array, timesteps: jax.Array, context: jax.Array
 ) -> jax.Array:
   """The UNet's raw output [B, C, h, w] for latents [B, C, h, w] at int timesteps [B]."""
   return model.unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), context).sample
@@ -363,7 +371,7 @@ def encode_images(model: DiffusionModel, vae_params: Params, images: jax.Array, 
   With a key the posterior is sampled, else its mode is taken.
   """
   posterior = model.vae.apply(
-      {"params": vae_params}, jnp.transpose(images, (0, 3, 1, 2)), method=model.vae.encode
+    {"params": vae_params}, jnp.transpose(images, (0, 3, 1, 2)), method=model.vae.encode
   ).latent_dist
   latents = posterior.mode() if key is None else posterior.sample(key)
   return jnp.transpose(latents, (0, 3, 1, 2)) * model.vae_scaling_factor

@@ -13,7 +13,7 @@ METHODS = ("ddpo_is", "ddpo_sf")
 
 
 def clipped_importance_loss(
-    log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, clip_range: float
+  log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, clip_range: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DDPO_IS: mean over transitions of max(-A ρ, -A clip(ρ, 1-ε, 1+ε)).
 
@@ -36,7 +36,7 @@ def clipped_importance_loss(
 
 
 def score_function_loss(
-    log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, clip_range: float
+  log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, clip_range: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DDPO_SF (REINFORCE): -mean(A log p_θ); its gradient is -mean(A ∇log p_θ)."""
   log_ratio = log_probs - old_log_probs
@@ -46,10 +46,10 @@ def score_function_loss(
 
 def _diagnostics(log_ratio: jax.Array, ratio: jax.Array, clip_range: float) -> dict[str, jax.Array]:
   return {
-      "approx_kl": 0.5 * jnp.mean(jnp.square(log_ratio)),
-      "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
-      "ratio_mean": ratio.mean(),
-      "ratio_max_deviation": jnp.max(jnp.abs(ratio - 1.0)),
+    "approx_kl": 0.5 * jnp.mean(jnp.square(log_ratio)),
+    "clipfrac": jnp.mean((jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)),
+    "ratio_mean": ratio.mean(),
+    "ratio_max_deviation": jnp.max(jnp.abs(ratio - 1.0)),
   }
 
 

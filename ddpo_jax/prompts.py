@@ -15,7 +15,8 @@ evaluating generalisation after training on the others.
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Callable
+from typing import Sequence
 
 import numpy as np
 

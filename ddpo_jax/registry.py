@@ -7,7 +7,8 @@ is selected in the config ("package.module:factory") without forking.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 
 def import_object(path: str) -> Any:
@@ -50,6 +51,6 @@ class Registry:
     if ":" in name:
       return import_object(name)(**kwargs)
     raise ValueError(
-        f"unknown {self.kind} {name!r}; registered ones are {self.names()}, "
-        "or give an import path 'package.module:factory'."
+      f"unknown {self.kind} {name!r}; registered ones are {self.names()}, "
+      "or give an import path 'package.module:factory'."
     )

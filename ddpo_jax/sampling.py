@@ -47,13 +47,13 @@ class SamplerSettings:
 
 
 def guided_noise(
-    model: models.DiffusionModel,
-    unet_params,
-    latents: jax.Array,
-    timesteps: jax.Array,
-    context: jax.Array,
-    negative_context: jax.Array,
-    guidance_scale: float,
+  model: models.DiffusionModel,
+  unet_params,
+  latents: jax.Array,
+  timesteps: jax.Array,
+  context: jax.Array,
+  negative_context: jax.Array,
+  guidance_scale: float,
 ) -> jax.Array:
   """The guided model output ε_u + w (ε_c - ε_u): [B, C, h, w].
 
@@ -65,11 +65,11 @@ def guided_noise(
     return models.predict_noise(model, unet_params, latents, timesteps, context)
   negative_context = jnp.broadcast_to(negative_context, context.shape)
   output = models.predict_noise(
-      model,
-      unet_params,
-      jnp.concatenate([latents, latents]),
-      jnp.concatenate([timesteps, timesteps]),
-      jnp.concatenate([negative_context, context]),
+    model,
+    unet_params,
+    jnp.concatenate([latents, latents]),
+    jnp.concatenate([timesteps, timesteps]),
+    jnp.concatenate([negative_context, context]),
   )
   unconditional, conditional = jnp.split(output, 2)
   return unconditional + guidance_scale * (conditional - unconditional)
@@ -82,21 +82,21 @@ def step_ratio(model: models.DiffusionModel, num_steps: int) -> int:
 def ddim_kwargs(model: models.DiffusionModel, settings: SamplerSettings) -> dict:
   """The schedule arguments of `ddim.ddim_step_with_logprob` for this model."""
   return dict(
-      alphas_cumprod=jnp.asarray(model.schedule.alphas_cumprod, jnp.float32),
-      final_alpha_cumprod=model.schedule.final_alpha_cumprod,
-      step_ratio=step_ratio(model, settings.num_steps),
-      eta=settings.eta,
-      prediction_type=model.schedule.prediction_type,
+    alphas_cumprod=jnp.asarray(model.schedule.alphas_cumprod, jnp.float32),
+    final_alpha_cumprod=model.schedule.final_alpha_cumprod,
+    step_ratio=step_ratio(model, settings.num_steps),
+    eta=settings.eta,
+    prediction_type=model.schedule.prediction_type,
   )
 
 
 def rollout(
-    model: models.DiffusionModel,
-    unet_params,
-    context: jax.Array,
-    negative_context: jax.Array,
-    key: jax.Array,
-    settings: SamplerSettings,
+  model: models.DiffusionModel,
+  unet_params,
+  context: jax.Array,
+  negative_context: jax.Array,
+  key: jax.Array,
+  settings: SamplerSettings,
 ) -> Trajectory:
   """Samples x_T ~ N(0, I) and denoises it in `settings.num_steps` DDIM steps.
 
@@ -109,7 +109,7 @@ def rollout(
   """
   batch = context.shape[0]
   timesteps = jnp.asarray(
-      ddim.inference_timesteps(model.schedule.num_train_timesteps, settings.num_steps, model.schedule.steps_offset)
+    ddim.inference_timesteps(model.schedule.num_train_timesteps, settings.num_steps, model.schedule.steps_offset)
   )
   init_key, steps_key = jax.random.split(key)
   shape = (batch, model.latent_channels, model.latent_size, model.latent_size)
@@ -120,7 +120,7 @@ def rollout(
   def denoise(latents, inputs):
     t, step_key = inputs
     output = guided_noise(
-        model, unet_params, latents, jnp.full((batch,), t), context, negative_context, settings.guidance_scale
+      model, unet_params, latents, jnp.full((batch,), t), context, negative_context, settings.guidance_scale
     )
     prev_latents, log_prob = ddim.ddim_step_with_logprob(output, t, latents, key=step_key, **kwargs)
     return prev_latents, (prev_latents, log_prob)
@@ -128,9 +128,9 @@ def rollout(
   _, (latents, log_probs) = jax.lax.scan(denoise, initial, (timesteps, step_keys))
   latents = jnp.concatenate([initial[None], latents])  # [T+1, B, C, h, w]
   return Trajectory(
-      latents=jnp.swapaxes(latents, 0, 1),
-      log_probs=jnp.swapaxes(log_probs, 0, 1),
-      timesteps=timesteps,
+    latents=jnp.swapaxes(latents, 0, 1),
+    log_probs=jnp.swapaxes(log_probs, 0, 1),
+    timesteps=timesteps,
   )
 
 
@@ -140,12 +140,12 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 
 def sample(
-    model: models.DiffusionModel,
-    params,
-    token_ids: jax.Array,
-    negative_token_ids: jax.Array,
-    key: jax.Array,
-    settings: SamplerSettings,
+  model: models.DiffusionModel,
+  params,
+  token_ids: jax.Array,
+  negative_token_ids: jax.Array,
+  key: jax.Array,
+  settings: SamplerSettings,
 ) -> tuple[Trajectory, jax.Array, jax.Array]:
   """Prompts to images: text encoding, the rollout and VAE decoding.
 
@@ -169,13 +169,13 @@ def make_sampler(model: models.DiffusionModel, settings: SamplerSettings, **jit_
 
 
 def generate(
-    model: models.DiffusionModel,
-    params,
-    prompts: list[str],
-    key: jax.Array,
-    num_steps: int = 50,
-    eta: float = 1.0,
-    guidance_scale: float = 5.0,
+  model: models.DiffusionModel,
+  params,
+  prompts: list[str],
+  key: jax.Array,
+  num_steps: int = 50,
+  eta: float = 1.0,
+  guidance_scale: float = 5.0,
 ) -> tuple[np.ndarray, Trajectory]:
   """Convenience for notebooks: prompts -> (uint8 images [B, H, W, 3], trajectory)."""
   settings = SamplerSettings(num_steps=num_steps, eta=eta, guidance_scale=guidance_scale)

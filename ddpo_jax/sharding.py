@@ -7,8 +7,10 @@ is split over both. One code path serves 1 device, 8 CPU devices and a pod.
 from __future__ import annotations
 
 import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -24,8 +26,8 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
     fsdp = num_devices // data if data > 0 and num_devices % data == 0 else 0
   if data <= 0 or fsdp <= 0 or data * fsdp != num_devices:
     raise ValueError(
-        f"config.mesh.data x config.mesh.fsdp must equal the {num_devices} devices; "
-        "set one of them to -1 to take the rest."
+      f"config.mesh.data x config.mesh.fsdp must equal the {num_devices} devices; "
+      "set one of them to -1 to take the rest."
     )
   return data, fsdp
 

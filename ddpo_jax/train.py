@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -35,32 +34,32 @@ from ddpo_jax import validation
 def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Global-norm clipping, then AdamW at a constant learning rate."""
   return optax.chain(
-      optax.clip_by_global_norm(train_config.max_grad_norm),
-      optax.adamw(
-          train_config.learning_rate,
-          b1=train_config.adam_beta1,
-          b2=train_config.adam_beta2,
-          eps=train_config.adam_eps,
-          weight_decay=train_config.weight_decay,
-      ),
+    optax.clip_by_global_norm(train_config.max_grad_norm),
+    optax.adamw(
+      train_config.learning_rate,
+      b1=train_config.adam_beta1,
+      b2=train_config.adam_beta2,
+      eps=train_config.adam_eps,
+      weight_decay=train_config.weight_decay,
+    ),
   )
 
 
 def sampler_settings(config: ml_collections.ConfigDict) -> sampling.SamplerSettings:
   return sampling.SamplerSettings(
-      num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=config.sample.guidance_scale
+    num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=config.sample.guidance_scale
   )
 
 
 def update_settings(config: ml_collections.ConfigDict) -> update.UpdateSettings:
   return update.UpdateSettings(
-      method=config.train.method,
-      clip_range=config.train.clip_range,
-      batch_size=config.train.batch_size,
-      gradient_accumulation_steps=config.train.gradient_accumulation_steps,
-      num_timesteps_kept=validation.num_timesteps_kept(config),
-      sampler=sampler_settings(config),
-      unroll_accumulation=jax.default_backend() == "cpu",
+    method=config.train.method,
+    clip_range=config.train.clip_range,
+    batch_size=config.train.batch_size,
+    gradient_accumulation_steps=config.train.gradient_accumulation_steps,
+    num_timesteps_kept=validation.num_timesteps_kept(config),
+    sampler=sampler_settings(config),
+    unroll_accumulation=jax.default_backend() == "cpu",
   )
 
 
@@ -80,42 +79,40 @@ class Trainer:
     batch = sharding.batch(mesh)
     self.replicated, self.batch_sharding = replicated, batch
     self.sample_fn = sampling.make_sampler(
-        model,
-        sampler_settings(config),
-        in_shardings=(replicated, batch, replicated, replicated),
-        out_shardings=(
-            sampling.Trajectory(latents=batch, log_probs=batch, timesteps=replicated),
-            batch,
-            batch,
-        ),
+      model,
+      sampler_settings(config),
+      in_shardings=(replicated, batch, replicated, replicated),
+      out_shardings=(
+        sampling.Trajectory(latents=batch, log_probs=batch, timesteps=replicated),
+        batch,
+        batch,
+      ),
     )
     rollouts_sharding = update.Rollouts(
-        latents=batch, log_probs=batch, timesteps=replicated, context=batch, advantages=batch
+      latents=batch, log_probs=batch, timesteps=replicated, context=batch, advantages=batch
     )
     settings = update_settings(config)
     self.num_updates = validation.num_updates_per_inner_epoch(config)
     transitions_sharding = sharding.batch_axis(mesh, 2)  # [num_updates, accumulation, M, ...]
     self.transitions_fn = jax.jit(
-        functools.partial(update.make_transitions, settings=settings),
-        in_shardings=(rollouts_sharding, replicated),
-        out_shardings=transitions_sharding,
+      functools.partial(update.make_transitions, settings=settings),
+      in_shardings=(rollouts_sharding, replicated),
+      out_shardings=transitions_sharding,
     )
     self.step_fn = jax.jit(
-        functools.partial(
-            update.optimizer_step, model, self.optimizer, settings=settings, minibatch_sharding=batch
-        ),
-        in_shardings=(replicated, transitions_sharding, replicated, replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=(0,),
+      functools.partial(update.optimizer_step, model, self.optimizer, settings=settings, minibatch_sharding=batch),
+      in_shardings=(replicated, transitions_sharding, replicated, replicated),
+      out_shardings=(replicated, replicated),
+      donate_argnums=(0,),
     )
     self.encode_fn = jax.jit(
-        functools.partial(models.encode_prompts, model), in_shardings=(replicated, replicated), out_shardings=replicated
+      functools.partial(models.encode_prompts, model), in_shardings=(replicated, replicated), out_shardings=replicated
     )
     self.init_fn = jax.jit(self._init_state, out_shardings=replicated)
 
   def _init_state(self, unet_params) -> update.TrainState:
     return update.TrainState(
-        step=jnp.zeros((), jnp.int32), params=unet_params, opt_state=self.optimizer.init(unet_params)
+      step=jnp.zeros((), jnp.int32), params=unet_params, opt_state=self.optimizer.init(unet_params)
     )
 
   def init_state(self, params) -> update.TrainState:
@@ -128,7 +125,7 @@ class Trainer:
     return self.encode_fn(params["text_encoder"], self.negative_tokens()[None])[0]
 
   def train_inner_epoch(
-      self, state: update.TrainState, rollouts: update.Rollouts, negative_context: jax.Array, key: jax.Array
+    self, state: update.TrainState, rollouts: update.Rollouts, negative_context: jax.Array, key: jax.Array
   ) -> tuple[update.TrainState, dict[str, jax.Array]]:
     """One pass over an epoch's transitions: `num_updates` optimiser steps.
 
@@ -163,16 +160,16 @@ def _mean_metrics(train_metrics: list[dict[str, jax.Array]]) -> dict[str, float]
 
 
 def _log_epoch(
-    writer: metrics_lib.MetricWriter,
-    config: ml_collections.ConfigDict,
-    epoch: int,
-    epoch_start: float,
-    train_start: float,
-    train_metrics: list[dict[str, jax.Array]],
-    rewards: np.ndarray,
-    prompts: list[str],
-    images: list[np.ndarray],
-    host_metrics: dict[str, float],
+  writer: metrics_lib.MetricWriter,
+  config: ml_collections.ConfigDict,
+  epoch: int,
+  epoch_start: float,
+  train_start: float,
+  train_metrics: list[dict[str, jax.Array]],
+  rewards: np.ndarray,
+  prompts: list[str],
+  images: list[np.ndarray],
+  host_metrics: dict[str, float],
 ) -> dict[str, Any]:
   """Fetches an epoch's training metrics (blocking until its training is
   done), checks them, and writes the epoch's record, histogram and grid."""
@@ -182,14 +179,14 @@ def _log_epoch(
     if not np.isfinite(value):
       raise FloatingPointError(f"epoch {epoch}: training metric {name} is {value}; lower config.train.learning_rate.")
   summary.update(
-      host_metrics,
-      epoch=epoch,
-      reward_mean=float(rewards.mean()),
-      reward_std=float(rewards.std()),
-      reward_min=float(rewards.min()),
-      reward_max=float(rewards.max()),
-      training_seconds=done - train_start,
-      seconds=done - epoch_start,
+    host_metrics,
+    epoch=epoch,
+    reward_mean=float(rewards.mean()),
+    reward_std=float(rewards.std()),
+    reward_min=float(rewards.min()),
+    reward_max=float(rewards.max()),
+    training_seconds=done - train_start,
+    seconds=done - epoch_start,
   )
   writer.write_scalars(epoch, summary)
   writer.write_histogram(epoch, "rewards", rewards)
@@ -200,15 +197,15 @@ def _log_epoch(
     writer.write_images(epoch, "samples", np.concatenate(images)[:n], labels)
   if jax.process_index() == 0:
     logging.info(
-        "epoch %d | samples %d | reward %.4f ± %.4f | loss %.3g | kl %.3g | clipfrac %.3f | %.1f s",
-        epoch,
-        summary["samples"],
-        summary["reward_mean"],
-        summary["reward_std"],
-        summary["loss"],
-        summary["approx_kl"],
-        summary["clipfrac"],
-        summary["seconds"],
+      "epoch %d | samples %d | reward %.4f ± %.4f | loss %.3g | kl %.3g | clipfrac %.3f | %.1f s",
+      epoch,
+      summary["samples"],
+      summary["reward_mean"],
+      summary["reward_std"],
+      summary["loss"],
+      summary["approx_kl"],
+      summary["clipfrac"],
+      summary["seconds"],
     )
   return summary
 
@@ -224,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   prompt_fn = prompts_lib.get(config.prompt.name, **config.prompt.kwargs.to_dict())
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   model, params = models.load(
-      config.model.name, revision=config.model.revision or None, dtype=config.model.dtype, from_pt=config.model.from_pt
+    config.model.name, revision=config.model.revision or None, dtype=config.model.dtype, from_pt=config.model.from_pt
   )
   params = jax.device_put(params, sharding.replicated(mesh))
   if is_main:
@@ -234,9 +231,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
   negative_context = trainer.negative_context(params)
   tracker = (
-      advantages_lib.PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
-      if config.stat_tracking.per_prompt
-      else None
+    advantages_lib.PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
+    if config.stat_tracking.per_prompt
+    else None
   )
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   executor = concurrent.futures.ThreadPoolExecutor(config.reward.num_threads)
@@ -263,48 +260,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       summary = _log_epoch(writer, config, **pending)
       pending = None
     futures, all_prompts, all_images = [], [], []
-    for batch_prompts, _, _, images in tqdm.tqdm(batches, desc=f"epoch {epoch} sampling", leave=False, disable=not is_main):
+    for batch_prompts, _, _, images in tqdm.tqdm(
+      batches, desc=f"epoch {epoch} sampling", leave=False, disable=not is_main
+    ):
       local_images = sharding.local_rows(images)
       futures.append(executor.submit(reward_fn, local_images, batch_prompts))
       all_prompts += batch_prompts
       all_images.append(local_images)
-    rewards = np.concatenate([
+    rewards = np.concatenate(
+      [
         rewards_lib.check_rewards(config.reward.name, f.result(), images, p)
         for f, images, (p, *_) in zip(futures, all_images, batches)
-    ])
+      ]
+    )
     sampling_seconds = time.time() - epoch_start
 
     # --- Advantages (per prompt or per batch), one per trajectory.
     advantages = advantages_lib.compute_advantages(all_prompts, rewards, tracker, config.train.adv_clip_max)
     rollouts = update.Rollouts(
-        latents=jnp.concatenate([b[1].latents for b in batches]),
-        log_probs=jnp.concatenate([b[1].log_probs for b in batches]),
-        timesteps=batches[0][1].timesteps,
-        context=jnp.concatenate([b[2] for b in batches]),
-        advantages=sharding.host_to_global(advantages, trainer.batch_sharding),
+      latents=jnp.concatenate([b[1].latents for b in batches]),
+      log_probs=jnp.concatenate([b[1].log_probs for b in batches]),
+      timesteps=batches[0][1].timesteps,
+      context=jnp.concatenate([b[2] for b in batches]),
+      advantages=sharding.host_to_global(advantages, trainer.batch_sharding),
     )
 
     # --- Training: dispatched asynchronously, one device call per optimiser step.
     train_start = time.time()
     train_metrics = []
-    for inner in tqdm.trange(config.train.num_inner_epochs, desc=f"epoch {epoch} training", leave=False, disable=not is_main):
+    for inner in tqdm.trange(
+      config.train.num_inner_epochs, desc=f"epoch {epoch} training", leave=False, disable=not is_main
+    ):
       state, inner_metrics = trainer.train_inner_epoch(
-          state, rollouts, negative_context, jax.random.fold_in(epoch_key, 10_000 + inner)
+        state, rollouts, negative_context, jax.random.fold_in(epoch_key, 10_000 + inner)
       )
       train_metrics.append(inner_metrics)
     pending = dict(
-        epoch=epoch,
-        epoch_start=epoch_start,
-        train_start=train_start,
-        train_metrics=train_metrics,
-        rewards=rewards,
-        prompts=all_prompts,
-        images=all_images,
-        host_metrics=dict(
-            samples=(epoch + 1) * samples_per_epoch,
-            sampling_seconds=sampling_seconds,
-            **({f"stat_tracker_{k}": v for k, v in tracker.stats().items()} if tracker else {}),
-        ),
+      epoch=epoch,
+      epoch_start=epoch_start,
+      train_start=train_start,
+      train_metrics=train_metrics,
+      rewards=rewards,
+      prompts=all_prompts,
+      images=all_images,
+      host_metrics=dict(
+        samples=(epoch + 1) * samples_per_epoch,
+        sampling_seconds=sampling_seconds,
+        **({f"stat_tracker_{k}": v for k, v in tracker.stats().items()} if tracker else {}),
+      ),
     )
 
   if pending is not None:

@@ -81,28 +81,28 @@ class UpdateSettings:
 
 
 def transition_log_probs(
-    model: models.DiffusionModel,
-    unet_params,
-    minibatch: Transitions,
-    negative_context: jax.Array,
-    sampler: sampling.SamplerSettings,
+  model: models.DiffusionModel,
+  unet_params,
+  minibatch: Transitions,
+  negative_context: jax.Array,
+  sampler: sampling.SamplerSettings,
 ) -> jax.Array:
   """log p_θ(x_{t-1} | x_t, c) of given transitions [M], with the sampling CFG."""
   output = sampling.guided_noise(
-      model,
-      unet_params,
-      minibatch.latents,
-      minibatch.timesteps,
-      minibatch.context,
-      negative_context,
-      sampler.guidance_scale,
+    model,
+    unet_params,
+    minibatch.latents,
+    minibatch.timesteps,
+    minibatch.context,
+    negative_context,
+    sampler.guidance_scale,
   )
   _, log_probs = ddim.ddim_step_with_logprob(
-      output,
-      minibatch.timesteps,
-      minibatch.latents,
-      prev_sample=minibatch.next_latents,
-      **sampling.ddim_kwargs(model, sampler),
+    output,
+    minibatch.timesteps,
+    minibatch.latents,
+    prev_sample=minibatch.next_latents,
+    **sampling.ddim_kwargs(model, sampler),
   )
   return log_probs
 
@@ -130,24 +130,26 @@ def make_transitions(rollouts: Rollouts, key: jax.Array, settings: UpdateSetting
 
   num_kept = settings.num_timesteps_kept
   return Transitions(
-      latents=time_major(rollouts.latents[rows, steps]),
-      next_latents=time_major(rollouts.latents[rows, steps + 1]),
-      timesteps=time_major(rollouts.timesteps[steps]),
-      old_log_probs=time_major(rollouts.log_probs[rows, steps]),
-      advantages=time_major(jnp.broadcast_to(rollouts.advantages[order][:, None], (num_trajectories, num_kept))),
-      context=time_major(jnp.broadcast_to(rollouts.context[order][:, None], (num_trajectories, num_kept) + rollouts.context.shape[1:])),
+    latents=time_major(rollouts.latents[rows, steps]),
+    next_latents=time_major(rollouts.latents[rows, steps + 1]),
+    timesteps=time_major(rollouts.timesteps[steps]),
+    old_log_probs=time_major(rollouts.log_probs[rows, steps]),
+    advantages=time_major(jnp.broadcast_to(rollouts.advantages[order][:, None], (num_trajectories, num_kept))),
+    context=time_major(
+      jnp.broadcast_to(rollouts.context[order][:, None], (num_trajectories, num_kept) + rollouts.context.shape[1:])
+    ),
   )
 
 
 def optimizer_step(
-    model: models.DiffusionModel,
-    optimizer: optax.GradientTransformation,
-    state: TrainState,
-    transitions: Transitions,
-    index: jax.Array,
-    negative_context: jax.Array,
-    settings: UpdateSettings,
-    minibatch_sharding=None,
+  model: models.DiffusionModel,
+  optimizer: optax.GradientTransformation,
+  state: TrainState,
+  transitions: Transitions,
+  index: jax.Array,
+  negative_context: jax.Array,
+  settings: UpdateSettings,
+  minibatch_sharding=None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step over the minibatches `transitions[index]`.
 

@@ -27,8 +27,8 @@ def _check_factory(kind: str, setting: str, name: str, registered: list[str]) ->
     return
   if ":" not in name:
     raise ConfigError(
-        f"{setting}={name!r} is not a registered {kind} ({registered}) nor an import path "
-        "'package.module:factory'; fix the name or give the import path of your own."
+      f"{setting}={name!r} is not a registered {kind} ({registered}) nor an import path "
+      "'package.module:factory'; fix the name or give the import path of your own."
     )
   try:
     factory = registry.import_object(name)
@@ -72,25 +72,25 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
     raise ConfigError(f"config.sample.num_steps={s.num_steps} must be >= 1.")
   if s.eta <= 0:
     raise ConfigError(
-        f"config.sample.eta={s.eta}: a policy gradient needs a stochastic sampler; set eta > 0 (the paper uses 1.0)."
+      f"config.sample.eta={s.eta}: a policy gradient needs a stochastic sampler; set eta > 0 (the paper uses 1.0)."
     )
   if not 0 < t.timestep_fraction <= 1:
     raise ConfigError(f"config.train.timestep_fraction={t.timestep_fraction} must be in (0, 1].")
   if num_timesteps_kept(config) < 1:
     raise ConfigError(
-        f"config.train.timestep_fraction={t.timestep_fraction} keeps no step of {s.num_steps}; raise it to at least "
-        f"{1 / s.num_steps:.3g}."
+      f"config.train.timestep_fraction={t.timestep_fraction} keeps no step of {s.num_steps}; raise it to at least "
+      f"{1 / s.num_steps:.3g}."
     )
   for name, value in (("sample.batch_size", s.batch_size), ("train.batch_size", t.batch_size)):
     if value < 1 or value % shards:
       raise ConfigError(
-          f"config.{name}={value} must be a positive multiple of the {shards} devices that split a batch "
-          f"(mesh {data}x{fsdp}); use e.g. {shards * max(1, value // shards)}."
+        f"config.{name}={value} must be a positive multiple of the {shards} devices that split a batch "
+        f"(mesh {data}x{fsdp}); use e.g. {shards * max(1, value // shards)}."
       )
   for name, value in (
-      ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
-      ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
-      ("train.num_inner_epochs", t.num_inner_epochs),
+    ("sample.num_batches_per_epoch", s.num_batches_per_epoch),
+    ("train.gradient_accumulation_steps", t.gradient_accumulation_steps),
+    ("train.num_inner_epochs", t.num_inner_epochs),
   ):
     if value < 1:
       raise ConfigError(f"config.{name}={value} must be >= 1.")
@@ -99,27 +99,27 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
   per_update = t.batch_size * t.gradient_accumulation_steps
   if transitions % per_update:
     raise ConfigError(
-        f"An epoch has {samples} samples x {num_timesteps_kept(config)} kept timesteps = {transitions} transitions, "
-        f"which do not divide into optimiser steps of config.train.batch_size x "
-        f"config.train.gradient_accumulation_steps = {per_update}; choose sizes whose product divides {transitions}."
+      f"An epoch has {samples} samples x {num_timesteps_kept(config)} kept timesteps = {transitions} transitions, "
+      f"which do not divide into optimiser steps of config.train.batch_size x "
+      f"config.train.gradient_accumulation_steps = {per_update}; choose sizes whose product divides {transitions}."
     )
   if t.method == "ddpo_sf" and (t.num_inner_epochs != 1 or transitions != per_update):
     raise ConfigError(
-        "config.train.method='ddpo_sf' takes one gradient step per batch of fresh samples: set "
-        f"config.train.num_inner_epochs=1 and config.train.gradient_accumulation_steps={transitions // t.batch_size}."
+      "config.train.method='ddpo_sf' takes one gradient step per batch of fresh samples: set "
+      f"config.train.num_inner_epochs=1 and config.train.gradient_accumulation_steps={transitions // t.batch_size}."
     )
   for name, value in (
-      ("train.learning_rate", t.learning_rate),
-      ("train.clip_range", t.clip_range),
-      ("train.adv_clip_max", t.adv_clip_max),
-      ("train.max_grad_norm", t.max_grad_norm),
+    ("train.learning_rate", t.learning_rate),
+    ("train.clip_range", t.clip_range),
+    ("train.adv_clip_max", t.adv_clip_max),
+    ("train.max_grad_norm", t.max_grad_norm),
   ):
     if not value > 0:
       raise ConfigError(f"config.{name}={value} must be > 0.")
   if config.stat_tracking.per_prompt and not 1 <= config.stat_tracking.min_count <= config.stat_tracking.buffer_size:
     raise ConfigError(
-        f"config.stat_tracking.min_count={config.stat_tracking.min_count} must be in "
-        f"[1, config.stat_tracking.buffer_size={config.stat_tracking.buffer_size}]."
+      f"config.stat_tracking.min_count={config.stat_tracking.min_count} must be in "
+      f"[1, config.stat_tracking.buffer_size={config.stat_tracking.buffer_size}]."
     )
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'.")
@@ -129,8 +129,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
     problem = models.check_model_folder(config.model.name)
     if problem:
       raise ConfigError(
-          f"config.model.name={config.model.name!r}: {problem}; give a folder written by save_pretrained, "
-          "a Hugging Face id such as 'CompVis/stable-diffusion-v1-4', or 'toy-world'."
+        f"config.model.name={config.model.name!r}: {problem}; give a folder written by save_pretrained, "
+        "a Hugging Face id such as 'CompVis/stable-diffusion-v1-4', or 'toy-world'."
       )
   if workdir is not None:
     _check_workdir(workdir)

@@ -6,7 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from ddpo_jax.advantages import PerPromptStatTracker, compute_advantages, normalize
+from ddpo_jax.advantages import PerPromptStatTracker
+from ddpo_jax.advantages import compute_advantages
+from ddpo_jax.advantages import normalize
 
 
 def test_normalize():

@@ -42,12 +42,18 @@ def test_log_prob_matches_numpy(prediction_type, t):
   alphas = sd_alphas_cumprod()
   x_t = rng.standard_normal((3, 4, 5, 5))
   output = rng.standard_normal((3, 4, 5, 5))
-  kwargs = dict(alphas_cumprod=alphas, final_alpha_cumprod=alphas[0], step_ratio=20, eta=1.0, prediction_type=prediction_type)
+  kwargs = dict(
+    alphas_cumprod=alphas, final_alpha_cumprod=alphas[0], step_ratio=20, eta=1.0, prediction_type=prediction_type
+  )
   mu, sigma, _ = numpy_step(output, t, x_t, x_t, alphas, alphas[0], 20, 1.0, prediction_type)
   prev = mu + sigma * rng.standard_normal(x_t.shape)
   _, _, expected = numpy_step(output, t, x_t, prev, alphas, alphas[0], 20, 1.0, prediction_type)
   returned, log_prob = ddpo_jax.ddim_step_with_logprob(
-      jnp.asarray(output, jnp.float32), t, jnp.asarray(x_t, jnp.float32), prev_sample=jnp.asarray(prev, jnp.float32), **kwargs
+    jnp.asarray(output, jnp.float32),
+    t,
+    jnp.asarray(x_t, jnp.float32),
+    prev_sample=jnp.asarray(prev, jnp.float32),
+    **kwargs,
   )
   np.testing.assert_allclose(np.asarray(log_prob), expected, rtol=1e-4, atol=1e-3)
   np.testing.assert_allclose(np.asarray(returned), prev, rtol=1e-5, atol=1e-5)
@@ -59,8 +65,14 @@ def test_sampled_step_has_the_formula_mean_and_std():
   output = np.ones_like(x_t) * -0.2
   mu, sigma, _ = numpy_step(output, 501, x_t, x_t, alphas, alphas[0], 20, 1.0, "epsilon")
   prev, _ = ddim.ddim_step_with_logprob(
-      jnp.asarray(output, jnp.float32), 501, jnp.asarray(x_t, jnp.float32), alphas_cumprod=alphas,
-      final_alpha_cumprod=alphas[0], step_ratio=20, eta=1.0, key=jax.random.PRNGKey(0),
+    jnp.asarray(output, jnp.float32),
+    501,
+    jnp.asarray(x_t, jnp.float32),
+    alphas_cumprod=alphas,
+    final_alpha_cumprod=alphas[0],
+    step_ratio=20,
+    eta=1.0,
+    key=jax.random.PRNGKey(0),
   )
   prev = np.asarray(prev).ravel()
   assert abs(prev.mean() - mu.ravel()[0]) < 4 * sigma / np.sqrt(prev.size)
@@ -72,8 +84,14 @@ def test_no_nan_at_tiny_eta(eta):
   alphas = sd_alphas_cumprod()
   x_t = jnp.ones((2, 4, 3, 3))
   prev, log_prob = ddim.ddim_step_with_logprob(
-      jnp.zeros_like(x_t), jnp.array([981, 1]), x_t, alphas_cumprod=alphas, final_alpha_cumprod=alphas[0],
-      step_ratio=20, eta=eta, key=jax.random.PRNGKey(1),
+    jnp.zeros_like(x_t),
+    jnp.array([981, 1]),
+    x_t,
+    alphas_cumprod=alphas,
+    final_alpha_cumprod=alphas[0],
+    step_ratio=20,
+    eta=eta,
+    key=jax.random.PRNGKey(1),
   )
   assert np.all(np.isfinite(np.asarray(prev))) and np.all(np.isfinite(np.asarray(log_prob)))
 
@@ -96,7 +114,7 @@ def test_timesteps_are_the_schedulers():
   from diffusers import FlaxDDIMScheduler
 
   scheduler = FlaxDDIMScheduler(
-      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False
   )
   state = scheduler.set_timesteps(scheduler.create_state(), 50)
   ours = ddim.inference_timesteps(1000, 50, 1)

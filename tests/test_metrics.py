@@ -5,11 +5,13 @@ import math
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from ddpo_jax import metrics
-from ddpo_jax.metrics import MetricWriter, make_grid, read_metrics
+from ddpo_jax.metrics import MetricWriter
+from ddpo_jax.metrics import make_grid
+from ddpo_jax.metrics import read_metrics
 
 
 def test_scalars_jsonl_and_tensorboard(tmp_path):

@@ -21,7 +21,7 @@ def test_layout_is_diffusers_standard(tiny_model_dir):
   from diffusers import FlaxStableDiffusionPipeline
 
   pipeline, params = FlaxStableDiffusionPipeline.from_pretrained(
-      tiny_model_dir, safety_checker=None, feature_extractor=None
+    tiny_model_dir, safety_checker=None, feature_extractor=None
   )
   assert set(params) >= {"unet", "vae", "text_encoder", "scheduler"}
   assert pipeline.tokenizer.model_max_length == 12
@@ -61,8 +61,8 @@ def test_local_or_hub_names(tmp_path):
 
 def test_pytorch_weights_are_converted(tiny_model_dir, tmp_path):
   """A folder of PyTorch weights loads with from_pt and computes what torch does."""
-  import torch
   from diffusers import UNet2DConditionModel
+  import torch
 
   from tests import tiny_model
 
@@ -76,6 +76,6 @@ def test_pytorch_weights_are_converted(tiny_model_dir, tmp_path):
   ours = np.asarray(models.predict_noise(model, params["unet"], latents, timesteps, context))
   with torch.no_grad():
     reference = UNet2DConditionModel.from_pretrained(torch_dir, subfolder="unet")(
-        torch.from_numpy(latents), torch.from_numpy(timesteps), torch.from_numpy(context)
+      torch.from_numpy(latents), torch.from_numpy(timesteps), torch.from_numpy(context)
     ).sample.numpy()
   np.testing.assert_allclose(ours, reference, atol=2e-4 * np.abs(reference).max())

@@ -56,7 +56,7 @@ def test_nouns_activities_custom_files(tmp_path):
 def test_held_out_sets():
   rng = np.random.default_rng(0)
   assert set(prompts.get("unseen_activity")(rng, 500)) <= {
-      f"{prompts.article(a)} {a} taking an exam" for a in prompts.load_list("common_animals.txt")
+    f"{prompts.article(a)} {a} taking an exam" for a in prompts.load_list("common_animals.txt")
   }
   assert set(prompts.get("uncommon_animals")(rng, 10)) <= set(prompts.load_list("uncommon_animals.txt"))
   assert set(prompts.get("everyday_objects")(rng, 10)) <= set(prompts.load_list("everyday_objects.txt"))
@@ -80,8 +80,7 @@ def test_from_file(tmp_path):
 
 def test_import_path_lookup(tmp_path, monkeypatch):
   (tmp_path / "my_prompts_mod.py").write_text(
-      "def fixed(text='hi'):\n"
-      "  return lambda rng, batch_size: [text] * batch_size\n"
+    "def fixed(text='hi'):\n  return lambda rng, batch_size: [text] * batch_size\n"
   )
   monkeypatch.syspath_prepend(str(tmp_path))
   assert prompts.get("my_prompts_mod:fixed", text="yo")(np.random.default_rng(0), 3) == ["yo"] * 3

@@ -51,9 +51,9 @@ def test_registered_builtins():
 
 def test_import_path_lookup(tmp_path, monkeypatch):
   (tmp_path / "my_reward_mod.py").write_text(
-      "import numpy as np\n"
-      "def make_constant(value=1.0):\n"
-      "  return lambda images, prompts: np.full(len(images), value, np.float32)\n"
+    "import numpy as np\n"
+    "def make_constant(value=1.0):\n"
+    "  return lambda images, prompts: np.full(len(images), value, np.float32)\n"
   )
   monkeypatch.syspath_prepend(str(tmp_path))
   fn = rewards.make("my_reward_mod:make_constant", value=3.0)

@@ -1,16 +1,12 @@
 """The training pass: on-policy ratio, IS vs SF gradients, sharded == unsharded."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ddpo_jax import config_utils
-from ddpo_jax import models
 from ddpo_jax import objectives
-from ddpo_jax import sampling
 from ddpo_jax import sharding
 from ddpo_jax import train
 from ddpo_jax import update
@@ -51,11 +47,11 @@ def setup(tiny_loaded, tiny_model_dir):
 
 def rollouts_of(trajectory, context, advantages):
   return update.Rollouts(
-      latents=trajectory.latents,
-      log_probs=trajectory.log_probs,
-      timesteps=trajectory.timesteps,
-      context=context,
-      advantages=jnp.asarray(advantages, jnp.float32),
+    latents=trajectory.latents,
+    log_probs=trajectory.log_probs,
+    timesteps=trajectory.timesteps,
+    context=context,
+    advantages=jnp.asarray(advantages, jnp.float32),
   )
 
 
@@ -84,7 +80,7 @@ def test_on_policy_ratio_is_one(setup, batch_size):
     return update.transition_log_probs(model, params["unet"], minibatch, negative, settings.sampler)
 
   for start in range(0, flat.timesteps.shape[0], batch_size):
-    minibatch = jax.tree.map(lambda x: x[start : start + batch_size], flat)
+    minibatch = jax.tree.map(lambda x, s=start: x[s : s + batch_size], flat)
     ratio = np.exp(np.asarray(log_probs(minibatch)) - np.asarray(minibatch.old_log_probs))
     assert np.max(np.abs(ratio - 1)) < ON_POLICY_TOLERANCE, np.max(np.abs(ratio - 1))
 
@@ -133,7 +129,9 @@ def test_clipped_loss_by_hand():
   # max(-A r, -A clip(r)): [-1.2, -0.5, 2.0, -1.00005]
   np.testing.assert_allclose(float(loss), np.mean([-1.2, -0.5, 2.0, -1.00005]), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["clipfrac"]), 0.5)
-  np.testing.assert_allclose(float(metrics["approx_kl"]), 0.5 * np.mean(np.log([1.5, 0.5, 1.0, 1.00005]) ** 2), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(metrics["approx_kl"]), 0.5 * np.mean(np.log([1.5, 0.5, 1.0, 1.00005]) ** 2), rtol=1e-5
+  )
 
 
 def one_update(model, params, config, trajectory, context, mesh):
@@ -157,7 +155,7 @@ def test_update_on_8_devices_equals_1_device(setup):
   config.train.adam_eps = 1.0
   config.train.learning_rate = 1.0
   single_params, single_metrics = one_update(
-      model, params, config, trajectory, context, sharding.make_mesh(1, 1, jax.devices()[:1])
+    model, params, config, trajectory, context, sharding.make_mesh(1, 1, jax.devices()[:1])
   )
   multi_params, multi_metrics = one_update(model, params, config, trajectory, context, sharding.make_mesh(-1, 1))
   np.testing.assert_allclose(multi_metrics["loss"], single_metrics["loss"], atol=1e-6)  # |A| ~ 1

@@ -13,21 +13,21 @@ def tiny():
 
 
 CASES = [
-    ("sample.batch_size", 30, "config.sample.batch_size=30 must be a positive multiple of the 8 devices"),
-    ("train.batch_size", 12, "config.train.batch_size=12 must be a positive multiple of the 8 devices"),
-    ("train.gradient_accumulation_steps", 3, "do not divide into optimiser steps"),
-    ("train.num_inner_epochs", 0, "config.train.num_inner_epochs=0 must be >= 1"),
-    ("train.timestep_fraction", 0.0, "config.train.timestep_fraction=0.0 must be in (0, 1]"),
-    ("train.timestep_fraction", 1.5, "config.train.timestep_fraction=1.5 must be in (0, 1]"),
-    ("sample.eta", 0.0, "config.sample.eta=0.0: a policy gradient needs a stochastic sampler"),
-    ("train.method", "ppo", "config.train.method='ppo' is unknown"),
-    ("reward.name", "jpeg_size", "config.reward.name='jpeg_size' is not a registered reward"),
-    ("reward.name", "no_such_module:make", "config.reward.name='no_such_module:make': cannot import"),
-    ("prompt.name", "animals", "config.prompt.name='animals' is not a registered prompt function"),
-    ("model.name", "/nonexistent/sd", "config.model.name='/nonexistent/sd': '/nonexistent/sd' is not a folder"),
-    ("model.dtype", "float16", "config.model.dtype='float16'"),
-    ("mesh.data", 3, "config.mesh.data x config.mesh.fsdp must equal the 8 devices"),
-    ("train.learning_rate", 0.0, "config.train.learning_rate=0.0 must be > 0"),
+  ("sample.batch_size", 30, "config.sample.batch_size=30 must be a positive multiple of the 8 devices"),
+  ("train.batch_size", 12, "config.train.batch_size=12 must be a positive multiple of the 8 devices"),
+  ("train.gradient_accumulation_steps", 3, "do not divide into optimiser steps"),
+  ("train.num_inner_epochs", 0, "config.train.num_inner_epochs=0 must be >= 1"),
+  ("train.timestep_fraction", 0.0, "config.train.timestep_fraction=0.0 must be in (0, 1]"),
+  ("train.timestep_fraction", 1.5, "config.train.timestep_fraction=1.5 must be in (0, 1]"),
+  ("sample.eta", 0.0, "config.sample.eta=0.0: a policy gradient needs a stochastic sampler"),
+  ("train.method", "ppo", "config.train.method='ppo' is unknown"),
+  ("reward.name", "jpeg_size", "config.reward.name='jpeg_size' is not a registered reward"),
+  ("reward.name", "no_such_module:make", "config.reward.name='no_such_module:make': cannot import"),
+  ("prompt.name", "animals", "config.prompt.name='animals' is not a registered prompt function"),
+  ("model.name", "/nonexistent/sd", "config.model.name='/nonexistent/sd': '/nonexistent/sd' is not a folder"),
+  ("model.dtype", "float16", "config.model.dtype='float16'"),
+  ("mesh.data", 3, "config.mesh.data x config.mesh.fsdp must equal the 8 devices"),
+  ("train.learning_rate", 0.0, "config.train.learning_rate=0.0 must be > 0"),
 ]
 
 
@@ -65,7 +65,9 @@ def test_unwritable_workdir(tmp_path):
     validation.validate(tiny(), str(blocker / "run"), num_devices=8)
 
 
-@pytest.mark.parametrize("spec", ["configs/compress.py", "configs/incompress.py", "configs/compress.py:tiny", "configs/incompress.py:tiny"])
+@pytest.mark.parametrize(
+  "spec", ["configs/compress.py", "configs/incompress.py", "configs/compress.py:tiny", "configs/incompress.py:tiny"]
+)
 def test_shipped_configs_are_valid(spec, tmp_path):
   config = config_utils.get_config(spec)
   devices = 8 if spec.endswith("tiny") else 32  # the paper's TPU v4-64 has 32 chips
@@ -85,9 +87,18 @@ def test_main_refuses_before_loading(tmp_path):
   import sys
 
   result = subprocess.run(
-      [sys.executable, "-m", "ddpo_jax.main", "--config=configs/compress.py:tiny", f"--workdir={tmp_path}",
-       "--config.train.timestep_fraction=2.0"],
-      capture_output=True, text=True, timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)),
+    [
+      sys.executable,
+      "-m",
+      "ddpo_jax.main",
+      "--config=configs/compress.py:tiny",
+      f"--workdir={tmp_path}",
+      "--config.train.timestep_fraction=2.0",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=os.path.dirname(os.path.dirname(__file__)),
   )
   assert result.returncode != 0
   assert "config.train.timestep_fraction=2.0 must be in (0, 1]" in result.stderr

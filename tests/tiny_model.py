@@ -8,24 +8,24 @@ from ddpo_jax import models
 from ddpo_jax.toy import shapes
 
 UNET_CONFIG = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 32),
-    layers_per_block=1,
-    attention_head_dim=8,
-    cross_attention_dim=16,
+  sample_size=8,
+  in_channels=4,
+  out_channels=4,
+  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+  block_out_channels=(32, 32),
+  layers_per_block=1,
+  attention_head_dim=8,
+  cross_attention_dim=16,
 )
 VAE_CONFIG = dict(
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(16, 16),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=16,
+  down_block_types=("DownEncoderBlock2D",) * 2,
+  up_block_types=("UpDecoderBlock2D",) * 2,
+  block_out_channels=(16, 16),
+  layers_per_block=1,
+  latent_channels=4,
+  norm_num_groups=8,
+  sample_size=16,
 )
 TEXT_CONFIG = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, projection_dim=16)
 
@@ -41,8 +41,10 @@ def save_as_pytorch(flax_dir: str, torch_dir: str) -> None:
   what matters is that the Flax conversion reproduces the torch outputs)."""
   import shutil
 
-  from diffusers import AutoencoderKL, UNet2DConditionModel
-  from transformers import CLIPTextConfig, CLIPTextModel
+  from diffusers import AutoencoderKL
+  from diffusers import UNet2DConditionModel
+  from transformers import CLIPTextConfig
+  from transformers import CLIPTextModel
 
   shutil.copytree(flax_dir, torch_dir)
   for sub in ("unet", "vae", "text_encoder"):

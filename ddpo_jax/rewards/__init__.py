@@ -16,7 +16,8 @@ toy_alignment (`toy_alignment.py`).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
+from typing import Sequence
 
 import numpy as np
 
@@ -63,21 +64,24 @@ def check_rewards(name: str, rewards, images: np.ndarray, prompts: Sequence[str]
   try:
     values = np.asarray(rewards, dtype=np.float32)
   except (TypeError, ValueError) as e:
-    raise ValueError(f"reward {name!r} returned non-numeric values for a batch starting with prompt {first}: {e}") from e
+    raise ValueError(
+      f"reward {name!r} returned non-numeric values for a batch starting with prompt {first}: {e}"
+    ) from e
   if values.shape != (batch,):
     raise ValueError(
-        f"reward {name!r} returned shape {values.shape} for {batch} images, expected ({batch},); "
-        f"first prompt of the batch: {first}"
+      f"reward {name!r} returned shape {values.shape} for {batch} images, expected ({batch},); "
+      f"first prompt of the batch: {first}"
     )
   bad = np.flatnonzero(~np.isfinite(values))
   if bad.size:
     i = int(bad[0])
     raise ValueError(
-        f"reward {name!r} returned {values[i]} for prompt {prompts[i]!r} (image {i}); "
-        f"{bad.size} of {batch} rewards are not finite"
+      f"reward {name!r} returned {values[i]} for prompt {prompts[i]!r} (image {i}); "
+      f"{bad.size} of {batch} rewards are not finite"
     )
   return values
 
 
 # Imported last: they register themselves through `register` above.
-from ddpo_jax.rewards import jpeg, toy_alignment  # noqa: E402,F401
+from ddpo_jax.rewards import jpeg  # noqa: E402,F401
+from ddpo_jax.rewards import toy_alignment  # noqa: E402,F401

@@ -13,7 +13,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from ddpo_jax.rewards import RewardFn, check_images, register
+from ddpo_jax.rewards import RewardFn
+from ddpo_jax.rewards import check_images
+from ddpo_jax.rewards import register
 
 QUALITY = 95
 

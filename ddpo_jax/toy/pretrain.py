@@ -16,11 +16,12 @@ stage-2 weights is what is saved, in diffusers' save_pretrained layout.
 from __future__ import annotations
 
 import functools
-import os
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,33 +34,33 @@ FLAGS = flags.FLAGS
 
 # Component configs of the toy model: the classes of SD v1, shrunk.
 UNET_CONFIG = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    attention_head_dim=8,
-    cross_attention_dim=32,
+  sample_size=8,
+  in_channels=4,
+  out_channels=4,
+  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+  block_out_channels=(32, 64),
+  layers_per_block=1,
+  attention_head_dim=8,
+  cross_attention_dim=32,
 )
 VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 64, 64),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=16,
-    sample_size=shapes.IMAGE_SIZE,
+  in_channels=3,
+  out_channels=3,
+  down_block_types=("DownEncoderBlock2D",) * 3,
+  up_block_types=("UpDecoderBlock2D",) * 3,
+  block_out_channels=(32, 64, 64),
+  layers_per_block=1,
+  latent_channels=4,
+  norm_num_groups=16,
+  sample_size=shapes.IMAGE_SIZE,
 )
 TEXT_CONFIG = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    projection_dim=32,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=2,
+  projection_dim=32,
 )
 MAX_PROMPT_TOKENS = 16
 
@@ -92,7 +93,9 @@ def vae_loss(model, vae_params, images, key, kl_weight=1e-6):
 
 
 def train_vae(model, params, steps, batch_size, rng, key):
-  optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, min(100, steps // 4), steps, 1e-5), weight_decay=1e-4)
+  optimizer = optax.adamw(
+    optax.warmup_cosine_decay_schedule(0.0, 1e-3, min(100, steps // 4), steps, 1e-5), weight_decay=1e-4
+  )
   opt_state = optimizer.init(params["vae"])
 
   @jax.jit
@@ -140,8 +143,8 @@ def denoising_loss(model, trainable, vae_params, images, token_ids, key):
 
 def train_unet(model, params, steps, batch_size, caption_dropout, rng, key, ema_decay=0.999):
   optimizer = optax.chain(
-      optax.clip_by_global_norm(1.0),
-      optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, min(200, steps // 4), steps, 2e-5), weight_decay=1e-4),
+    optax.clip_by_global_norm(1.0),
+    optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-3, min(200, steps // 4), steps, 2e-5), weight_decay=1e-4),
   )
   trainable = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
   opt_state = optimizer.init(trainable)
@@ -150,7 +153,7 @@ def train_unet(model, params, steps, batch_size, caption_dropout, rng, key, ema_
   @jax.jit
   def step(trainable, opt_state, ema, images, token_ids, key):
     grads, metrics = jax.grad(functools.partial(denoising_loss, model), has_aux=True)(
-        trainable, params["vae"], images, token_ids, key
+      trainable, params["vae"], images, token_ids, key
     )
     updates, opt_state = optimizer.update(grads, opt_state, trainable)
     trainable = optax.apply_updates(trainable, updates)
@@ -163,7 +166,7 @@ def train_unet(model, params, steps, batch_size, caption_dropout, rng, key, ema_
     captions = ["" if rng.random() < caption_dropout else c for c in captions]
     token_ids = models.tokenize(model, captions)
     trainable, opt_state, ema, metrics = step(
-        trainable, opt_state, ema, to_unit_range(images), token_ids, jax.random.fold_in(key, i)
+      trainable, opt_state, ema, to_unit_range(images), token_ids, jax.random.fold_in(key, i)
     )
     if i % 250 == 0 or i in (10, steps - 1):
       logging.info("unet step %d/%d %s (%.0f s)", i, steps, jax.tree.map(float, metrics), time.time() - start)
@@ -171,14 +174,14 @@ def train_unet(model, params, steps, batch_size, caption_dropout, rng, key, ema_
 
 
 def pretrain(
-    out: str,
-    seed: int,
-    vae_steps: int,
-    vae_batch_size: int,
-    unet_steps: int,
-    unet_batch_size: int,
-    caption_dropout: float,
-    vae_from: str = "",
+  out: str,
+  seed: int,
+  vae_steps: int,
+  vae_batch_size: int,
+  unet_steps: int,
+  unet_batch_size: int,
+  caption_dropout: float,
+  vae_from: str = "",
 ):
   """Runs both stages and saves the model to `out`.
 
@@ -220,14 +223,14 @@ def define_flags():
 def main(argv):
   del argv
   pretrain(
-      FLAGS.out,
-      FLAGS.seed,
-      FLAGS.vae_steps,
-      FLAGS.vae_batch_size,
-      FLAGS.unet_steps,
-      FLAGS.unet_batch_size,
-      FLAGS.caption_dropout,
-      FLAGS.vae_from,
+    FLAGS.out,
+    FLAGS.seed,
+    FLAGS.vae_steps,
+    FLAGS.vae_batch_size,
+    FLAGS.unet_steps,
+    FLAGS.unet_batch_size,
+    FLAGS.caption_dropout,
+    FLAGS.vae_from,
   )
 
 

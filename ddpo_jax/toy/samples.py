@@ -8,7 +8,8 @@ fraction of the prompt's four attributes that `shapes.analyse` reads back).
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app
+from absl import flags
 import jax
 import numpy as np
 from PIL import Image
@@ -43,8 +44,13 @@ def main(argv):
   model, params = models.load(FLAGS.model)
   prompts = evaluation_prompts(FLAGS.num_samples, FLAGS.seed)
   images, _ = sampling.generate(
-      model, params, prompts, jax.random.PRNGKey(FLAGS.seed), num_steps=FLAGS.num_steps, eta=1.0,
-      guidance_scale=FLAGS.guidance_scale,
+    model,
+    params,
+    prompts,
+    jax.random.PRNGKey(FLAGS.seed),
+    num_steps=FLAGS.num_steps,
+    eta=1.0,
+    guidance_scale=FLAGS.guidance_scale,
   )
   scores = [shapes.alignment(image, prompt) for image, prompt in zip(images, prompts)]
   labels = [f"{score:.2f} {prompt}" for score, prompt in zip(scores, prompts)]

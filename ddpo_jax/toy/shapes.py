@@ -22,12 +22,12 @@ import numpy as np
 IMAGE_SIZE = 32  # pixels, square
 
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "orange": (245, 140, 30),
-    "yellow": (235, 215, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "purple": (150, 60, 190),
+  "red": (220, 40, 40),
+  "orange": (245, 140, 30),
+  "yellow": (235, 215, 40),
+  "green": (40, 180, 60),
+  "blue": (40, 80, 220),
+  "purple": (150, 60, 190),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 PATTERNS = ("plain", "striped", "checked", "noisy", "gradient")
@@ -37,9 +37,7 @@ DARK = 0.45
 PERIOD = 8
 
 COLOUR_NAMES = tuple(COLOURS)
-CAPTION_RE = re.compile(
-    r"^an? (?P<colour>\w+) (?P<shape>\w+) on an? (?P<pattern>\w+) (?P<background>\w+) background$"
-)
+CAPTION_RE = re.compile(r"^an? (?P<colour>\w+) (?P<shape>\w+) on an? (?P<pattern>\w+) (?P<background>\w+) background$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +59,15 @@ class Scene:
     match = CAPTION_RE.match(caption.strip().lower())
     if not match:
       raise ValueError(
-          f"{caption!r} is not a toy-world caption; expected the form "
-          "'a <colour> <shape> on a <pattern> <colour> background'."
+        f"{caption!r} is not a toy-world caption; expected the form "
+        "'a <colour> <shape> on a <pattern> <colour> background'."
       )
     scene = cls(**match.groupdict())
     for value, allowed in (
-        (scene.colour, COLOUR_NAMES),
-        (scene.shape, SHAPES),
-        (scene.pattern, PATTERNS),
-        (scene.background, COLOUR_NAMES),
+      (scene.colour, COLOUR_NAMES),
+      (scene.shape, SHAPES),
+      (scene.pattern, PATTERNS),
+      (scene.background, COLOUR_NAMES),
     ):
       if value not in allowed:
         raise ValueError(f"{value!r} in {caption!r} is not one of {allowed}.")
@@ -82,14 +80,7 @@ def _article(word: str) -> str:
 
 def all_scenes() -> list[Scene]:
   """Every scene of the vocabulary whose shape and background colours differ."""
-  return [
-      Scene(c, s, p, b)
-      for c in COLOUR_NAMES
-      for s in SHAPES
-      for p in PATTERNS
-      for b in COLOUR_NAMES
-      if b != c
-  ]
+  return [Scene(c, s, p, b) for c in COLOUR_NAMES for s in SHAPES for p in PATTERNS for b in COLOUR_NAMES if b != c]
 
 
 def vocabulary() -> list[str]:
@@ -100,10 +91,10 @@ def vocabulary() -> list[str]:
 def random_scene(rng: np.random.Generator) -> Scene:
   colour, background = rng.choice(len(COLOUR_NAMES), size=2, replace=False)
   return Scene(
-      COLOUR_NAMES[colour],
-      SHAPES[rng.integers(len(SHAPES))],
-      PATTERNS[rng.integers(len(PATTERNS))],
-      COLOUR_NAMES[background],
+    COLOUR_NAMES[colour],
+    SHAPES[rng.integers(len(SHAPES))],
+    PATTERNS[rng.integers(len(PATTERNS))],
+    COLOUR_NAMES[background],
   )
 
 
@@ -156,9 +147,7 @@ def render(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
   return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
-def sample_batch(
-    rng: np.random.Generator, batch_size: int, size: int = IMAGE_SIZE
-) -> tuple[np.ndarray, list[str]]:
+def sample_batch(rng: np.random.Generator, batch_size: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[str]]:
   """A fresh batch: uint8 images [B, size, size, 3] and their captions."""
   scenes = [random_scene(rng) for _ in range(batch_size)]
   images = np.stack([render(s, rng, size) for s in scenes])
@@ -186,6 +175,12 @@ def _majority_filter(mask: np.ndarray) -> np.ndarray:
   h, w = mask.shape
   counts = sum(padded[i : i + h, j : j + w] for i in range(3) for j in range(3))
   return counts >= 5
+
+
+def _grow(mask: np.ndarray) -> np.ndarray:
+  """`mask` grown by one pixel in the four axis directions."""
+  padded = np.pad(mask, 1)
+  return mask | padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
 
 
 def _lag1_correlation(values: np.ndarray, valid: np.ndarray, axis: int) -> float:
@@ -254,9 +249,7 @@ def analyse(image: np.ndarray) -> Scene | None:
   shape = _classify_shape(mask)
   if shape is None:
     return None
-  grown = _majority_filter(mask) | mask
-  grown = np.pad(grown, 1)[:-2, 1:-1] | np.pad(grown, 1)[2:, 1:-1] | np.pad(grown, 1)[1:-1, :-2] | np.pad(grown, 1)[1:-1, 2:] | grown
-  valid = ~grown
+  valid = ~_grow(_majority_filter(mask) | mask)  # the background, away from the shape's edge
   pattern = _classify_pattern(image, COLOUR_NAMES[background], valid)
   return Scene(COLOUR_NAMES[colour], shape, pattern, COLOUR_NAMES[background])
 
