@@ -165,3 +165,16 @@ def test_update_on_8_devices_equals_1_device(setup):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     changed |= not np.allclose(a, np.asarray(p0))
   assert changed
+
+
+def test_training_compiles_once(setup):
+  """Epoch after epoch, the training pass reuses its compiled functions."""
+  _, _, params, trainer, trajectory, context, _ = setup
+  state = trainer.init_state(params)
+  negative = trainer.negative_context(params)
+  rollouts = rollouts_of(trajectory, context, np.linspace(-1, 1, 16))
+  for epoch in range(3):
+    state, metrics = trainer.train_inner_epoch(state, rollouts, negative, jax.random.PRNGKey(epoch))
+  assert metrics["loss"].shape == (trainer.num_updates, 2)
+  assert trainer.transitions_fn._cache_size() == 1
+  assert trainer.step_fn._cache_size() == 1
