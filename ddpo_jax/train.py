@@ -116,7 +116,8 @@ class Trainer:
     )
 
   def init_state(self, params) -> update.TrainState:
-    return self.init_fn(params["unet"])
+    """A fresh train state from params {"unet", ...}, wherever they live."""
+    return self.init_fn(jax.device_put(params["unet"], self.replicated))
 
   def negative_tokens(self) -> np.ndarray:
     return models.tokenize(self.model, [""])[0]
