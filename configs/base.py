@@ -117,8 +117,8 @@ def apply_tiny(config: ml_collections.ConfigDict) -> None:
 
   The model is sampled unconditionally (the empty prompt), so the policy is
   free to choose what it draws, as Stable Diffusion is within a prompt: JPEG
-  compressibility drives it to plain backgrounds, incompressibility to noisy
-  ones. With full captions the reward is fixed mostly by the caption's
+  compressibility drives it to flat images, incompressibility to checked
+  backgrounds. With full captions the reward is fixed mostly by the caption's
   background pattern and 12 epochs of 64 samples move little (measured).
   One optimiser step per epoch over all its 640 transitions: with fewer
   transitions per Adam step the update is mostly noise at this sample budget
