@@ -109,6 +109,8 @@ class Trainer:
       functools.partial(models.encode_prompts, model), in_shardings=(replicated, replicated), out_shardings=replicated
     )
     self.init_fn = jax.jit(self._init_state, out_shardings=replicated)
+    # The empty prompt's token ids [L], tokenized once (CFG's negative prompt).
+    self.negative_tokens = models.tokenize(model, [""])[0]
 
   def _init_state(self, unet_params) -> update.TrainState:
     return update.TrainState(
@@ -119,11 +121,8 @@ class Trainer:
     """A fresh train state from params {"unet", ...}, wherever they live."""
     return self.init_fn(jax.device_put(params["unet"], self.replicated))
 
-  def negative_tokens(self) -> np.ndarray:
-    return models.tokenize(self.model, [""])[0]
-
   def negative_context(self, params) -> jax.Array:
-    return self.encode_fn(params["text_encoder"], self.negative_tokens()[None])[0]
+    return self.encode_fn(params["text_encoder"], self.negative_tokens[None])[0]
 
   def train_inner_epoch(
     self, state: update.TrainState, rollouts: update.Rollouts, negative_context: jax.Array, key: jax.Array
@@ -143,7 +142,7 @@ class Trainer:
   def sample(self, params, prompts: list[str], key: jax.Array):
     """Dispatches one sampling call (asynchronous); prompts are this host's."""
     token_ids = sharding.host_to_global(models.tokenize(self.model, prompts), self.batch_sharding)
-    return self.sample_fn(params, token_ids, self.negative_tokens(), key)
+    return self.sample_fn(params, token_ids, self.negative_tokens, key)
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
