@@ -2,27 +2,53 @@ r"""Runs DDPO.
 
     python -m ddpo_jax.main --config=configs/compress.py:tiny --workdir=runs/compress-tiny
 
-Any setting can be overridden: --config.train.learning_rate=3e-4.
+Any setting can be overridden: --config.train.learning_rate=3e-4. Running the
+same command again with the same --workdir resumes from its latest checkpoint.
+On a multi-host TPU slice every worker runs the same command.
 """
+
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ddpo_jax import train
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file of configs/, optionally with :preset.", lock_config=True)
-flags.DEFINE_string("workdir", "runs/default", "Folder for the config, metrics, TensorBoard events and images.")
+flags.DEFINE_string("workdir", "runs/default", "Folder for the config, metrics, checkpoints, TensorBoard and images.")
+flags.DEFINE_enum(
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "jax.distributed: auto starts it on multi-host TPU slices or when --coordinator_address is given.",
+)
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs off Cloud TPU.")
+flags.DEFINE_integer("num_processes", 0, "Processes of a multi-process run (with --coordinator_address).")
+flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config"])
+
+# Exit status of a run stopped by SIGTERM after saving its checkpoint.
+PREEMPTED_EXIT_CODE = 143
+
+
+def _quiet_orbax(record) -> bool:
+  """Drops orbax's INFO records (dozens per checkpoint); keeps its warnings."""
+  return record.levelno > logging.converter.STANDARD_INFO or "/orbax/" not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  from ddpo_jax import sharding  # imports jax: after flags, before any jax use
+  from ddpo_jax import train
+
+  sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if summary.get("preempted"):
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":

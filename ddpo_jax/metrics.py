@@ -27,6 +27,8 @@ from PIL import ImageDraw
 from PIL import ImageFont
 
 METRICS_FILE = "metrics.jsonl"
+# Records of epochs a resumed run repeats, moved out of METRICS_FILE.
+DISCARDED_FILE = "metrics.discarded.jsonl"
 LABEL_LINES = 3  # lines of label text under each grid image
 MARGIN = 2  # pixels around the label text
 GAP = 2  # white pixels right of and below each grid cell
@@ -157,6 +159,37 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     _end_torn_line(self.metrics_path)
     self._tensorboard = tensorboardX.SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+
+  def resume_at(self, epoch: int) -> int:
+    """Prepares metrics.jsonl for a run that continues at `epoch`.
+
+    Records of epochs >= `epoch` (written after the checkpoint the run resumes
+    from, and about to be written again) and torn lines are appended to
+    metrics.discarded.jsonl, then metrics.jsonl is replaced atomically by the
+    records kept: nothing written is lost. Returns the number moved.
+    """
+    if not self.enabled or not os.path.exists(self.metrics_path):
+      return 0
+    with open(self.metrics_path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+    kept, moved = [], []
+    for line in lines:
+      try:
+        keep = int(json.loads(line)["epoch"]) < epoch
+      except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        keep = False
+      (kept if keep else moved).append(line)
+    if not moved:
+      return 0
+    with open(os.path.join(self.workdir, DISCARDED_FILE), "a", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in moved))
+    temporary = self.metrics_path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+      f.write("".join(line + "\n" for line in kept))
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, self.metrics_path)
+    return len(moved)
 
   def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
     """Appends {"epoch": step, **scalars} to metrics.jsonl and logs each to TensorBoard.

@@ -13,9 +13,11 @@ through exactly the same code path as Stable Diffusion.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import threading
 from typing import Any
 
 import jax
@@ -152,7 +154,7 @@ def load(
     from_pt: convert PyTorch weights (needs torch installed).
 
   Returns:
-    The model and its params {"unet", "vae", "text_encoder"}.
+    The model and its params {"unet", "vae", "text_encoder"}, float32 NumPy arrays.
   """
   from diffusers import FlaxAutoencoderKL
   from diffusers import FlaxDDIMScheduler
@@ -177,7 +179,8 @@ def load(
     path=path,
   )
   params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_encoder.params}
-  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  # On the host: placed on the mesh by the caller (a global sharding may span hosts).
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   return model, params
 
 
@@ -352,11 +355,58 @@ def encode_prompts(model: DiffusionModel, text_params: Params, token_ids: jax.Ar
   return outputs[0]
 
 
+# The UNet's blocks, by their names in diffusers' UNet module.
+_UNET_BLOCKS = (
+  "FlaxCrossAttnDownBlock2D",
+  "FlaxDownBlock2D",
+  "FlaxUNetMidBlock2DCrossAttn",
+  "FlaxCrossAttnUpBlock2D",
+  "FlaxUpBlock2D",
+)
+_remat_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _rematerialised_unet_blocks():
+  """While active, UNets set up (at apply time) wrap each block in nn.remat.
+
+  diffusers' UNet has no remat option; its setup builds the blocks by their
+  module-level names, so those names are swapped for remat'd classes. The
+  params' tree is unchanged (tested) and so are the outputs and gradients;
+  the backward pass recomputes each block's activations instead of keeping them.
+  """
+  from diffusers.models.unets import unet_2d_condition_flax as unet_module
+  import flax.linen as nn
+
+  with _remat_lock:
+    originals = {name: getattr(unet_module, name) for name in _UNET_BLOCKS}
+    try:
+      for name, block in originals.items():
+        setattr(unet_module, name, nn.remat(block))
+      yield
+    finally:
+      for name, block in originals.items():
+        setattr(unet_module, name, block)
+
+
 def predict_noise(
-  model: DiffusionModel, unet_params: Params, latents: jax.Array, timesteps: jax.Array, context: jax.Array
+  model: DiffusionModel,
+  unet_params: Params,
+  latents: jax.Array,
+  timesteps: jax.Array,
+  context: jax.Array,
+  remat: bool = False,
 ) -> jax.Array:
-  """The UNet's raw output [B, C, h, w] for latents [B, C, h, w] at int timesteps [B]."""
-  return model.unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), context).sample
+  """The UNet's raw output [B, C, h, w] for latents [B, C, h, w] at int timesteps [B].
+
+  remat: rematerialise each UNet block in the backward pass (less memory,
+  about one more forward pass of compute).
+  """
+  apply = lambda: model.unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), context).sample
+  if not remat:
+    return apply()
+  with _rematerialised_unet_blocks():
+    return apply()
 
 
 def decode_latents(model: DiffusionModel, vae_params: Params, latents: jax.Array) -> jax.Array:

@@ -54,15 +54,17 @@ def guided_noise(
   context: jax.Array,
   negative_context: jax.Array,
   guidance_scale: float,
+  remat: bool = False,
 ) -> jax.Array:
   """The guided model output ε_u + w (ε_c - ε_u): [B, C, h, w].
 
   Args:
     latents: [B, C, h, w]; timesteps: int [B]; context: [B, L, D];
     negative_context: [L, D] or [B, L, D] (the empty prompt's embedding).
+    remat: rematerialise the UNet's blocks when differentiated.
   """
   if guidance_scale == 1.0:
-    return models.predict_noise(model, unet_params, latents, timesteps, context)
+    return models.predict_noise(model, unet_params, latents, timesteps, context, remat=remat)
   negative_context = jnp.broadcast_to(negative_context, context.shape)
   output = models.predict_noise(
     model,
@@ -70,6 +72,7 @@ def guided_noise(
     jnp.concatenate([latents, latents]),
     jnp.concatenate([timesteps, timesteps]),
     jnp.concatenate([negative_context, context]),
+    remat=remat,
   )
   unconditional, conditional = jnp.split(output, 2)
   return unconditional + guidance_scale * (conditional - unconditional)

@@ -2,9 +2,22 @@
 
 The mesh has two axes: "data" (replicas) and "fsdp" (params sharded); a batch
 is split over both. One code path serves 1 device, 8 CPU devices and a pod.
+
+Params are partitioned by rules over their paths (big_vision's way for modules
+without sharding annotations, such as diffusers' UNet): the first rule whose
+regex matches a leaf's path ("down_blocks_0/resnets_0/conv1/kernel", or for
+optimizer state ".../mu/down_blocks_0/...") decides "fsdp" (shard the leaf's
+largest dimension that the fsdp axis divides) or "replicate". Leaves below
+`min_size` elements are replicated whatever the rules say: gathering them
+costs more than their memory.
 """
 
 from __future__ import annotations
+
+import os
+import re
+from typing import Any
+from typing import Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -52,6 +65,75 @@ def batch_axis(mesh: Mesh, axis: int) -> NamedSharding:
   return NamedSharding(mesh, P(*([None] * axis), BATCH_AXES))
 
 
+# The default rules: shard every big weight, replicate the rest.
+DEFAULT_RULES = ((r".*", "fsdp"),)
+
+
+def leaf_spec(shape: Sequence[int], fsdp_size: int, action: str, min_size: int) -> P:
+  """The PartitionSpec of one leaf: its largest fsdp-divisible dim over "fsdp"."""
+  if action == "replicate" or fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  if action != "fsdp":
+    raise ValueError(f"partition rule action {action!r} is unknown; use 'fsdp' or 'replicate'.")
+  candidates = [d for d in range(len(shape)) if shape[d] % fsdp_size == 0]
+  if not candidates:
+    return P()
+  dim = max(candidates, key=lambda d: (shape[d], -d))
+  return P(*([None] * dim), "fsdp")
+
+
+def path_string(path) -> str:
+  """A tree path as "a/b/c" (dict keys, attribute names and indices alike)."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+  return "/".join(parts)
+
+
+def tree_shardings(
+  tree: Any, mesh: Mesh, rules: Sequence[tuple[str, str]] = DEFAULT_RULES, min_size: int = 2**14
+) -> Any:
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs).
+
+  Args:
+    rules: (regex, "fsdp" | "replicate") pairs; the first whose regex is found
+      in the leaf's path applies; no match means "replicate".
+    min_size: leaves with fewer elements are replicated.
+  """
+  compiled = [(re.compile(pattern), action) for pattern, action in rules]
+  fsdp_size = mesh.shape["fsdp"]
+
+  def one(path, leaf):
+    name = path_string(path)
+    action = next((a for pattern, a in compiled if pattern.search(name)), "replicate")
+    return NamedSharding(mesh, leaf_spec(np.shape(leaf), fsdp_size, action, min_size))
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def sharded_fraction(tree: Any, shardings: Any) -> float:
+  """Fraction of `tree`'s bytes whose sharding splits them over some axis."""
+  total = sharded = 0
+  for leaf, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    size = int(np.prod(np.shape(leaf), dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    total += size
+    if any(axis is not None for axis in spec.spec):
+      sharded += size
+  return sharded / max(total, 1)
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+  """Bytes of `tree` that each device holds under `shardings`."""
+  total = 0
+  for leaf, named in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    shard = named.shard_shape(tuple(np.shape(leaf)))
+    total += int(np.prod(shard, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
 def num_batch_shards(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
@@ -73,3 +155,77 @@ def local_rows(array: jax.Array) -> np.ndarray:
       seen.add(start)
       rows.append(np.asarray(shard.data))
   return np.concatenate(rows)
+
+
+def from_global_rows(values: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from the whole of its values, known on every process."""
+  values = np.asarray(values)
+  return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+
+
+def allgather_rows(local: np.ndarray) -> np.ndarray:
+  """[P, ...]: every process's `local` (same shape on all), in process order."""
+  local = np.asarray(local)
+  if jax.process_count() == 1:
+    return local[None]
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(local, tiled=False))
+
+
+def allgather_strings(local: Sequence[str]) -> list[list[str]]:
+  """Every process's list of strings (same length on all), in process order."""
+  if jax.process_count() == 1:
+    return [list(local)]
+  encoded = [s.encode("utf-8") for s in local]
+  width = int(allgather_rows(np.array(max((len(e) for e in encoded), default=0), np.int32)).max())
+  padded = np.zeros((len(encoded), max(width, 1)), np.uint8)
+  lengths = np.array([len(e) for e in encoded], np.int32)
+  for row, e in enumerate(encoded):
+    padded[row, : len(e)] = np.frombuffer(e, np.uint8)
+  all_padded, all_lengths = allgather_rows(padded), allgather_rows(lengths)
+  return [
+    [bytes(row[:n]).decode("utf-8") for row, n in zip(host_rows, host_lengths)]
+    for host_rows, host_lengths in zip(all_padded, all_lengths)
+  ]
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process when `flag` is true on at least one."""
+  return bool(allgather_rows(np.array(flag, np.int32)).max())
+
+
+def sync_processes(name: str) -> None:
+  """A barrier across processes (none with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def initialize_distributed(
+  mode: str = "auto", coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+) -> bool:
+  """Starts jax.distributed when the run spans several processes.
+
+  Args:
+    mode: "off"; "on" (always; on Cloud TPU pods and SLURM jax finds the
+      coordinator itself); "auto" (when a coordinator is given or the host is
+      one worker of a multi-host Cloud TPU slice).
+    coordinator_address, num_processes, process_id: explicit settings (GPU
+      clusters, or several CPU processes on one machine for tests).
+
+  Returns whether jax.distributed was initialised. Call before any other jax use.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"--distributed={mode!r}: choose auto, on or off.")
+  tpu_workers = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  if mode == "off" or (mode == "auto" and not coordinator_address and len(tpu_workers) < 2):
+    return False
+  kwargs = {}
+  if coordinator_address:
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+  # Cross-process collectives of the CPU backend (tests, CPU clusters).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  return True

@@ -21,6 +21,7 @@ import optax
 import tqdm
 
 from ddpo_jax import advantages as advantages_lib
+from ddpo_jax import checkpoints
 from ddpo_jax import metrics as metrics_lib
 from ddpo_jax import models
 from ddpo_jax import prompts as prompts_lib
@@ -60,6 +61,7 @@ def update_settings(config: ml_collections.ConfigDict) -> update.UpdateSettings:
     num_timesteps_kept=validation.num_timesteps_kept(config),
     sampler=sampler_settings(config),
     unroll_accumulation=jax.default_backend() == "cpu",
+    remat=config.train.remat,
   )
 
 
@@ -68,9 +70,13 @@ class Trainer:
 
   Built once per run (and shared by tests through fixtures); holds no state
   that changes during training.
+
+  Args:
+    params: the model's params {"unet", "vae", "text_encoder"}, arrays or
+      jax.ShapeDtypeStructs: only their shapes are used here.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, model: models.DiffusionModel, mesh):
+  def __init__(self, config: ml_collections.ConfigDict, model: models.DiffusionModel, mesh, params):
     self.config = config
     self.model = model
     self.mesh = mesh
@@ -78,10 +84,24 @@ class Trainer:
     replicated = sharding.replicated(mesh)
     batch = sharding.batch(mesh)
     self.replicated, self.batch_sharding = replicated, batch
+
+    # --- The train state's partitioning, from shapes alone.
+    unet_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params["unet"])
+    state_shapes = jax.eval_shape(self._init_state, unet_shapes)
+    self.state_sharding = sharding.tree_shardings(
+      state_shapes, mesh, [tuple(rule) for rule in config.mesh.partition_rules], config.mesh.fsdp_min_size
+    )
+    self.unet_sharding = self.state_sharding.params
+    # The state as orbax restores it: shapes, dtypes and shardings.
+    self.abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes, self.state_sharding
+    )
+    self.params_sharding = {"unet": self.unet_sharding, "vae": replicated, "text_encoder": replicated}
+
     self.sample_fn = sampling.make_sampler(
       model,
       sampler_settings(config),
-      in_shardings=(replicated, batch, replicated, replicated),
+      in_shardings=(self.params_sharding, batch, replicated, replicated),
       out_shardings=(
         sampling.Trajectory(latents=batch, log_probs=batch, timesteps=replicated),
         batch,
@@ -100,15 +120,22 @@ class Trainer:
       out_shardings=transitions_sharding,
     )
     self.step_fn = jax.jit(
-      functools.partial(update.optimizer_step, model, self.optimizer, settings=settings, minibatch_sharding=batch),
-      in_shardings=(replicated, transitions_sharding, replicated, replicated),
-      out_shardings=(replicated, replicated),
+      functools.partial(
+        update.optimizer_step,
+        model,
+        self.optimizer,
+        settings=settings,
+        minibatch_sharding=batch,
+        params_sharding=self.unet_sharding,
+      ),
+      in_shardings=(self.state_sharding, transitions_sharding, replicated, replicated),
+      out_shardings=(self.state_sharding, replicated),
       donate_argnums=(0,),
     )
     self.encode_fn = jax.jit(
       functools.partial(models.encode_prompts, model), in_shardings=(replicated, replicated), out_shardings=replicated
     )
-    self.init_fn = jax.jit(self._init_state, out_shardings=replicated)
+    self.init_fn = jax.jit(self._init_state, in_shardings=(self.unet_sharding,), out_shardings=self.state_sharding)
     # The empty prompt's token ids [L], tokenized once (CFG's negative prompt).
     self.negative_tokens = models.tokenize(model, [""])[0]
 
@@ -119,7 +146,11 @@ class Trainer:
 
   def init_state(self, params) -> update.TrainState:
     """A fresh train state from params {"unet", ...}, wherever they live."""
-    return self.init_fn(jax.device_put(params["unet"], self.replicated))
+    return self.init_fn(jax.device_put(params["unet"], self.unet_sharding))
+
+  def place_frozen(self, params) -> dict[str, Any]:
+    """The frozen modules' params {"vae", "text_encoder"}, replicated on the mesh."""
+    return jax.device_put({"vae": params["vae"], "text_encoder": params["text_encoder"]}, self.replicated)
 
   def negative_context(self, params) -> jax.Array:
     return self.encode_fn(params["text_encoder"], self.negative_tokens[None])[0]
@@ -146,8 +177,19 @@ class Trainer:
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  """Writes config.json; a resumed run with other settings keeps the old file."""
+  path = os.path.join(workdir, "config.json")
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = f.read()
+    if previous == text:
+      return
+    kept = os.path.join(workdir, f"config.{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.replace(path, kept)
+    logging.warning("this run's config differs from the one in %s; the old one is kept as %s", workdir, kept)
+  with open(path, "w") as f:
+    f.write(text)
 
 
 def _mean_metrics(train_metrics: list[dict[str, jax.Array]]) -> dict[str, float]:
@@ -167,12 +209,16 @@ def _log_epoch(
   train_start: float,
   train_metrics: list[dict[str, jax.Array]],
   rewards: np.ndarray,
+  local_rewards: np.ndarray,
   prompts: list[str],
   images: list[np.ndarray],
   host_metrics: dict[str, float],
 ) -> dict[str, Any]:
   """Fetches an epoch's training metrics (blocking until its training is
-  done), checks them, and writes the epoch's record, histogram and grid."""
+  done), checks them, and writes the epoch's record, histogram and grid.
+
+  rewards: every process's [N]; local_rewards, prompts, images: this process's.
+  """
   summary = _mean_metrics(train_metrics)
   done = time.time()
   for name, value in summary.items():
@@ -193,7 +239,7 @@ def _log_epoch(
   every = config.logging.images_every_epochs
   if every and (epoch % every == 0 or epoch == config.num_epochs - 1):
     n = min(config.logging.num_images, len(prompts))
-    labels = [f"{r:.3g} {p}" for r, p in zip(rewards[:n], prompts[:n])]
+    labels = [f"{r:.3g} {p}" for r, p in zip(local_rewards[:n], prompts[:n])]
     writer.write_images(epoch, "samples", np.concatenate(images)[:n], labels)
   if jax.process_index() == 0:
     logging.info(
@@ -210,11 +256,34 @@ def _log_epoch(
   return summary
 
 
+def gather_epoch(local_prompts: list[str], local_rewards: np.ndarray, num_batches: int) -> tuple[list[str], np.ndarray]:
+  """Every process's prompts and rewards, in the rows' global order.
+
+  A global batch holds process 0's rows, then process 1's, ...; an epoch is
+  its batches one after another. Each process passes its own, batch by batch.
+  Returns prompts [N] and rewards float32 [N], N = all processes' samples.
+  """
+  rewards = sharding.allgather_rows(np.asarray(local_rewards, np.float32).reshape(num_batches, -1))
+  global_rewards = np.swapaxes(rewards, 0, 1).reshape(-1)  # [P, batches, B] -> [batches, P, B]
+  per_process = sharding.allgather_strings(local_prompts)
+  local = len(local_prompts) // num_batches
+  global_prompts = [host[b * local + i] for b in range(num_batches) for host in per_process for i in range(local)]
+  return global_prompts, global_rewards
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs DDPO per `config`, writing everything into `workdir`.
 
-  Returns the last epoch's metrics.
+  Resumes from the latest checkpoint in `workdir` when there is one, else
+  starts from the pretrained weights. Returns the last epoch's metrics
+  (with "preempted": True when a SIGTERM stopped the run early).
   """
+  summary, _ = train(config, workdir)
+  return summary
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, Any], update.TrainState]:
+  """`train_and_evaluate` that also returns the final train state."""
   validation.validate(config, workdir, jax.device_count())
   is_main = jax.process_index() == 0
   reward_fn = rewards_lib.make(config.reward.name, **config.reward.kwargs.to_dict())
@@ -223,27 +292,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model, params = models.load(
     config.model.name, revision=config.model.revision or None, dtype=config.model.dtype, from_pt=config.model.from_pt
   )
-  params = jax.device_put(params, sharding.replicated(mesh))
   if is_main:
     _save_config(config, workdir)
-  trainer = Trainer(config, model, mesh)
-  state = trainer.init_state(params)
-  frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
-  negative_context = trainer.negative_context(params)
+  trainer = Trainer(config, model, mesh, params)
+  logging.info(
+    "train state: %.1f MB per device, %.0f%% of its bytes sharded over fsdp (mesh %s)",
+    sharding.bytes_per_device(trainer.abstract_state, trainer.state_sharding) / 1e6,
+    100 * sharding.sharded_fraction(trainer.abstract_state, trainer.state_sharding),
+    dict(mesh.shape),
+  )
   tracker = (
     advantages_lib.PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
     if config.stat_tracking.per_prompt
     else None
   )
+
+  # --- Resume from the latest checkpoint that restores, else start afresh.
+  checkpointer = checkpoints.Checkpointer(
+    checkpoints.checkpoint_dir(workdir), config.checkpoint.max_to_keep, config.checkpoint.asynchronous
+  )
+  restored = checkpointer.restore_latest(trainer.abstract_state)
+  if restored is None:
+    state, start_epoch = trainer.init_state(params), 0
+  else:
+    step, state, meta = restored
+    if meta["seed"] != config.seed:
+      raise validation.ConfigError(
+        f"config.seed={config.seed} differs from the seed {meta['seed']} of the checkpoint in {workdir}; "
+        "resume with the same seed or start in a new --workdir."
+      )
+    start_epoch = int(meta["epoch"]) + 1
+    if tracker is not None:
+      tracker.load_state(meta["tracker"])
+    logging.info("resuming from checkpoint %d (epoch %d done) in %s", step, meta["epoch"], workdir)
+  frozen = trainer.place_frozen(params)
+  negative_context = trainer.negative_context(frozen)
+  del params
+
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  writer.resume_at(start_epoch)
+  preemption = checkpoints.PreemptionFlag()
   executor = concurrent.futures.ThreadPoolExecutor(config.reward.num_threads)
   root_key = jax.random.PRNGKey(config.seed)
   samples_per_epoch = config.sample.batch_size * config.sample.num_batches_per_epoch
+  num_batches = config.sample.num_batches_per_epoch
   local_batch = config.sample.batch_size // jax.process_count()
   pending = None  # the previous epoch, logged once the next one's sampling is dispatched
   summary: dict[str, Any] = {}
+  preempted = False
 
-  for epoch in range(config.num_epochs):
+  for epoch in range(start_epoch, config.num_epochs):
     epoch_start = time.time()
     epoch_key = jax.random.fold_in(root_key, epoch)
     current = dict(frozen, unet=state.params)
@@ -252,37 +350,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # reward thread as soon as they are ready, while the device goes on.
     prompt_rng = np.random.default_rng([config.seed, epoch, jax.process_index()])
     batches = []
-    for b in range(config.sample.num_batches_per_epoch):
+    for b in range(num_batches):
       batch_prompts = prompt_fn(prompt_rng, local_batch)
       trajectory, context, images = trainer.sample(current, batch_prompts, jax.random.fold_in(epoch_key, b))
       batches.append((batch_prompts, trajectory, context, images))
     if pending is not None:  # the device is busy sampling: log the last epoch now
       summary = _log_epoch(writer, config, **pending)
       pending = None
-    futures, all_prompts, all_images = [], [], []
+    futures, local_prompts, local_images = [], [], []
     for batch_prompts, _, _, images in tqdm.tqdm(
       batches, desc=f"epoch {epoch} sampling", leave=False, disable=not is_main
     ):
-      local_images = sharding.local_rows(images)
-      futures.append(executor.submit(reward_fn, local_images, batch_prompts))
-      all_prompts += batch_prompts
-      all_images.append(local_images)
-    rewards = np.concatenate(
+      host_images = sharding.local_rows(images)
+      futures.append(executor.submit(reward_fn, host_images, batch_prompts))
+      local_prompts += batch_prompts
+      local_images.append(host_images)
+    local_rewards = np.concatenate(
       [
         rewards_lib.check_rewards(config.reward.name, f.result(), images, p)
-        for f, images, (p, *_) in zip(futures, all_images, batches)
+        for f, images, (p, *_) in zip(futures, local_images, batches)
       ]
     )
     sampling_seconds = time.time() - epoch_start
 
-    # --- Advantages (per prompt or per batch), one per trajectory.
+    # --- Advantages (per prompt or per batch) over every process's samples,
+    # identical on all processes; one per trajectory.
+    all_prompts, rewards = gather_epoch(local_prompts, local_rewards, num_batches)
     advantages = advantages_lib.compute_advantages(all_prompts, rewards, tracker, config.train.adv_clip_max)
     rollouts = update.Rollouts(
       latents=jnp.concatenate([b[1].latents for b in batches]),
       log_probs=jnp.concatenate([b[1].log_probs for b in batches]),
       timesteps=batches[0][1].timesteps,
       context=jnp.concatenate([b[2] for b in batches]),
-      advantages=sharding.host_to_global(advantages, trainer.batch_sharding),
+      advantages=sharding.from_global_rows(advantages.astype(np.float32), trainer.batch_sharding),
     )
 
     # --- Training: dispatched asynchronously, one device call per optimiser step.
@@ -301,8 +401,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       train_start=train_start,
       train_metrics=train_metrics,
       rewards=rewards,
-      prompts=all_prompts,
-      images=all_images,
+      local_rewards=local_rewards,
+      prompts=local_prompts,
+      images=local_images,
       host_metrics=dict(
         samples=(epoch + 1) * samples_per_epoch,
         sampling_seconds=sampling_seconds,
@@ -310,8 +411,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       ),
     )
 
+    # --- Checkpoint: periodically and when preempted (then stop). The epoch's
+    # record is written first, so metrics.jsonl never runs ahead of a restore.
+    preempted = preemption.requested()
+    if preempted or checkpoints.is_due(epoch, config.num_epochs, config.checkpoint.every_epochs):
+      summary = _log_epoch(writer, config, **pending)
+      pending = None
+      meta = dict(epoch=epoch, seed=config.seed, tracker=tracker.state() if tracker else {})
+      checkpointer.save(epoch + 1, state, meta)
+    if preempted:
+      logging.warning("stopped after epoch %d to be preempted; run again with --workdir=%s to resume", epoch, workdir)
+      break
+
   if pending is not None:
     summary = _log_epoch(writer, config, **pending)
+  checkpointer.close()
   executor.shutdown()
   writer.close()
-  return summary
+  preemption.restore_handlers()
+  sharding.sync_processes("train_and_evaluate done")
+  if preempted:
+    summary["preempted"] = True
+  return summary, state

@@ -78,6 +78,8 @@ class UpdateSettings:
   # weight gradient, 10 minibatches of 128x8x8x32: 2.4 s in lax.scan, 0.04 s
   # unrolled); accelerators keep the loop, which compiles faster.
   unroll_accumulation: bool = flax.struct.field(pytree_node=False, default=False)
+  # Rematerialise the UNet's blocks in the backward pass (memory for compute).
+  remat: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def transition_log_probs(
@@ -86,6 +88,7 @@ def transition_log_probs(
   minibatch: Transitions,
   negative_context: jax.Array,
   sampler: sampling.SamplerSettings,
+  remat: bool = False,
 ) -> jax.Array:
   """log p_θ(x_{t-1} | x_t, c) of given transitions [M], with the sampling CFG."""
   output = sampling.guided_noise(
@@ -96,6 +99,7 @@ def transition_log_probs(
     minibatch.context,
     negative_context,
     sampler.guidance_scale,
+    remat=remat,
   )
   _, log_probs = ddim.ddim_step_with_logprob(
     output,
@@ -108,7 +112,7 @@ def transition_log_probs(
 
 
 def minibatch_loss(model, unet_params, minibatch: Transitions, negative_context, settings: UpdateSettings):
-  log_probs = transition_log_probs(model, unet_params, minibatch, negative_context, settings.sampler)
+  log_probs = transition_log_probs(model, unet_params, minibatch, negative_context, settings.sampler, settings.remat)
   loss_fn = objectives.get(settings.method)
   loss, metrics = loss_fn(log_probs, minibatch.old_log_probs, minibatch.advantages, settings.clip_range)
   return loss, dict(metrics, loss=loss)
@@ -150,12 +154,15 @@ def optimizer_step(
   negative_context: jax.Array,
   settings: UpdateSettings,
   minibatch_sharding=None,
+  params_sharding=None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step over the minibatches `transitions[index]`.
 
   Args:
     transitions: the inner epoch's transitions, [num_updates, accumulation, M, ...].
     index: int scalar, which optimiser step of the inner epoch this is.
+    minibatch_sharding, params_sharding: where each minibatch and the summed
+      gradients live (the gradients as the params: FSDP-sharded ones stay so).
 
   Returns:
     The new state and metrics: each [accumulation] (per minibatch), plus the
@@ -168,9 +175,10 @@ def optimizer_step(
     if minibatch_sharding is not None:
       minibatch = jax.lax.with_sharding_constraint(minibatch, minibatch_sharding)
     grads, metrics = grad_fn(state.params, minibatch, negative_context, settings)
-    return jax.tree.map(jnp.add, grads_sum, grads), metrics
+    return constrain(jax.tree.map(jnp.add, grads_sum, grads)), metrics
 
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  constrain = lambda tree: tree if params_sharding is None else jax.lax.with_sharding_constraint(tree, params_sharding)
+  zeros = constrain(jax.tree.map(jnp.zeros_like, state.params))
   grads_sum, metrics = jax.lax.scan(accumulate, zeros, group, unroll=settings.unroll_accumulation)
   grads = jax.tree.map(lambda g: g / settings.gradient_accumulation_steps, grads_sum)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -6,6 +6,7 @@ Every error names the setting and the fix.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 import ml_collections
@@ -121,6 +122,15 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
       f"config.stat_tracking.min_count={config.stat_tracking.min_count} must be in "
       f"[1, config.stat_tracking.buffer_size={config.stat_tracking.buffer_size}]."
     )
+  for pattern, action in config.mesh.partition_rules:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ConfigError(f"config.mesh.partition_rules: {pattern!r} is not a valid regex ({e}).") from e
+    if action not in ("fsdp", "replicate"):
+      raise ConfigError(f"config.mesh.partition_rules: action {action!r} of {pattern!r} must be 'fsdp' or 'replicate'.")
+  if config.checkpoint.max_to_keep < 1:
+    raise ConfigError(f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1.")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'.")
   _check_factory("reward", "config.reward.name", config.reward.name, rewards.registered())

@@ -10,8 +10,9 @@ batch on the host:
 "package.module:factory", so a user reward needs no change to ddpo_jax.
 `check_rewards` is the trainer's guard on what a reward returns.
 
-Built in: jpeg_compressibility, jpeg_incompressibility (`jpeg.py`) and
-toy_alignment (`toy_alignment.py`).
+Built in: jpeg_compressibility, jpeg_incompressibility (`jpeg.py`),
+toy_alignment (`toy_alignment.py`), aesthetic (`aesthetic.py`) and prompt_alignment
+(`prompt_alignment.py`, a client of `ddpo_jax.reward_server`).
 """
 
 from __future__ import annotations
@@ -83,5 +84,7 @@ def check_rewards(name: str, rewards, images: np.ndarray, prompts: Sequence[str]
 
 
 # Imported last: they register themselves through `register` above.
+from ddpo_jax.rewards import aesthetic  # noqa: E402,F401
 from ddpo_jax.rewards import jpeg  # noqa: E402,F401
+from ddpo_jax.rewards import prompt_alignment  # noqa: E402,F401
 from ddpo_jax.rewards import toy_alignment  # noqa: E402,F401

@@ -1,0 +1,869 @@
+r"""`python -m ddpo_jax.bench memory`: does a config fit in a target's HBM?
+
+    python -m ddpo_jax.bench memory --config=configs/compress.py
+    python -m ddpo_jax.bench memory --config=configs/compress.py --target=v5e-8 --json
+    python -m ddpo_jax.bench memory --config=configs/compress.py:tiny --grid=config --nosearch
+
+Runs no model and downloads nothing: the model is built without weights
+(ddpo_jax.architectures), the Trainer is built on abstract params, and its
+sampler and training step are lowered with abstract inputs and compiled for
+the target's mesh on fake CPU devices. Per device, per target and setting:
+
+  * params: the trained UNet as the train state shards it, the frozen VAE and
+    text encoder (replicated), and the optimizer state (AdamW's mu and nu);
+  * buffers: one sampling call's outputs (trajectory latents [B, T+1, C, h, w]
+    float32, log-probs [B, T], prompt embeddings [B, L, D], uint8 images), the
+    epoch's rollouts that the training phase keeps, and the inner epoch's
+    transitions [num_updates, accumulation, M, ...];
+  * working memory: `compiled.memory_analysis()` of the sampler and of the
+    training step (arguments + outputs - donated + temporaries), and the saved
+    activations of one minibatch's backward pass counted on its jaxpr;
+  * the peaks of the two phases of an epoch:
+      sampling = sampler call + optimizer state + the epoch's earlier calls' outputs,
+      training = training step + frozen params + the epoch's rollouts,
+    and the verdict against the HBM; when the config does not fit, the
+    largest per-device sample and train batches that do (found by compiling
+    a few sizes, guided by a linear fit of peak against batch).
+
+What the numbers are (printed with the report):
+  * XLA:CPU's buffer assignment for that mesh, not TPU's or GPU's (their
+    layouts, fusion and scheduling differ). For SD v1.4 in float32 it agrees
+    within 5% with the saved activations counted on the jaxpr, which no
+    backend changes.
+  * XLA:CPU computes bfloat16 dots and reductions in float32 and so overstates
+    bfloat16 working memory (SD v1.4, 16 UNet rows: 112 GiB of temporaries
+    against 79 GiB of bfloat16 saved activations); the jaxpr column keeps the
+    dtype.
+  * XLA:CPU expands jax.checkpoint's optimization barriers, after which CSE
+    merges the recomputation back into the forward pass and remat saves
+    nothing; the bench keeps the barriers (XLA flag
+    --xla_disable_hlo_passes=cse_barrier_expander), as TPU and GPU do.
+  * The training step is compiled with gradient_accumulation_steps=1 and the
+    same transitions per epoch: on accelerators the accumulation is a
+    lax.scan whose body, one minibatch's forward and backward pass, is the
+    same for any count, while XLA:CPU unrolls it (update.UpdateSettings) and
+    would compile that many copies.
+  * --nocompile skips compilation: params, optimizer state and buffers are
+    exact; the training step's activations are the jaxpr's saved residuals
+    (plus, with remat, the largest rematerialised block's), and the sampler's
+    are a rough 1.3 x its largest intermediate.
+
+The device count of a target is fixed before jax starts its backend: with
+--target=all each target runs in a child process.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+from typing import Callable
+from typing import Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A machine: its devices and the HBM of each, in bytes."""
+
+  name: str
+  num_devices: int
+  hbm_bytes: int
+  description: str
+
+
+TARGETS = {
+  "v4-8": Target("v4-8", 4, 32 * GiB, "TPU v4-8: 4 chips x 32 GiB HBM"),
+  "v5e-8": Target("v5e-8", 8, 16 * GiB, "TPU v5e-8: 8 chips x 16 GiB HBM"),
+  "gpu-80gb": Target("gpu-80gb", 1, 80 * GiB, "one 80 GB GPU (A100/H100 80GB: 80 GiB)"),
+}
+# Removed from XLA:CPU's pipeline so that jax.checkpoint's barriers survive (see the docstring).
+CPU_XLA_FLAGS = ("--xla_disable_hlo_passes=cse_barrier_expander",)
+# The sampler's rough working memory without compiling: this many times its
+# largest intermediate (XLA:CPU: 41 GiB of temporaries for SD v1.4's 32 samples
+# per device, whose largest intermediate, an attention score, is 32 GiB).
+ROUGH_SAMPLER_FACTOR = 1.3
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "A config file of configs/, optionally with :preset.", lock_config=True)
+flags.DEFINE_enum("target", "all", ["all", *TARGETS], "The machine whose mesh and HBM to check; all: each in turn.")
+flags.DEFINE_integer("num_devices", 0, "Devices of the mesh; 0: the target's (v4-8: 4, v5e-8: 8, gpu-80gb: 1).")
+flags.DEFINE_enum(
+  "grid",
+  "paper",
+  ["paper", "config"],
+  "paper: the config in float32 and bfloat16, remat off and on, fsdp 1 and all devices; config: the config's own.",
+)
+flags.DEFINE_bool("compile", True, "Compile the sampler and training step (else: analytical, rough activations).")
+flags.DEFINE_bool("search", True, "When a setting does not fit, find the largest per-device batches that do.")
+flags.DEFINE_float("headroom", 0.9, "Fraction of the HBM the peak may use (the rest: runtime, fragmentation).")
+flags.DEFINE_bool("json", False, "Print one JSON object per (target, setting) instead of the table.")
+flags.DEFINE_enum(
+  "platform",
+  "cpu",
+  ["cpu", "native"],
+  "cpu: compile on fake CPU devices; native: on this machine's own devices (e.g. on the target itself).",
+)
+flags.mark_flags_as_required(["config"])
+
+
+# ----------------------------------------------------------------------------
+# Verdicts and batch search: pure functions of byte counts.
+# ----------------------------------------------------------------------------
+
+
+def budget(hbm_bytes: int, headroom: float) -> int:
+  """The bytes per device a peak may reach."""
+  return int(hbm_bytes * headroom)
+
+
+def verdict(peak_bytes: int, hbm_bytes: int, headroom: float) -> str:
+  """ "fits" (within the headroom), "tight" (within the HBM only) or "does not fit"."""
+  if peak_bytes <= budget(hbm_bytes, headroom):
+    return "fits"
+  return "tight" if peak_bytes <= hbm_bytes else "does not fit"
+
+
+def linear_fit(points: dict[int, int]) -> tuple[float, float]:
+  """(intercept, slope) of the least-squares line through {batch: peak bytes}."""
+  xs, ys = list(points), list(points.values())
+  if len(xs) == 1:
+    return 0.0, ys[0] / xs[0]
+  mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+  slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+  return mean_y - slope * mean_x, slope
+
+
+def largest_fitting(points: dict[int, int], limit: int, candidates: Sequence[int]) -> int | None:
+  """The largest candidate batch whose linearly predicted peak is <= limit, or None."""
+  intercept, slope = linear_fit(points)
+  fitting = [c for c in candidates if intercept + slope * c <= limit]
+  return max(fitting) if fitting else None
+
+
+def search_batch(
+  peak_of: Callable[[int], int], start: int, candidates: Sequence[int], limit: int, max_tries: int = 4
+) -> tuple[int | None, dict[int, int]]:
+  """The largest batch in `candidates` + [start] whose peak_of(batch) <= limit.
+
+  Peaks grow with the batch: measures `start`, then the smallest candidate,
+  then guesses between the largest batch known to fit and the smallest known
+  not to: the largest that the line through those two predicts to fit, else
+  the next one up (at most `max_tries` guesses; each is one compilation).
+
+  Returns (that batch, or None if even the smallest does not fit; {batch: peak} measured).
+  """
+  points = {start: peak_of(start)}
+  if points[start] <= limit:
+    return start, points
+  smaller = sorted(c for c in set(candidates) if c < start)
+  if not smaller:
+    return None, points
+  points[smaller[0]] = peak_of(smaller[0])
+  if points[smaller[0]] > limit:
+    return None, points
+  fits, fails = smaller[0], start
+  for _ in range(max_tries):
+    between = [c for c in smaller if fits < c < fails]
+    if not between:
+      break
+    guess = largest_fitting({fits: points[fits], fails: points[fails]}, limit, between) or between[0]
+    points[guess] = peak_of(guess)
+    if points[guess] <= limit:
+      fits = guess
+    else:
+      fails = guess
+  return fits, points
+
+
+def divisors_below(total: int, unit: int, below: int) -> list[int]:
+  """Per-device batches b < below such that b * unit divides total."""
+  return [b for b in range(1, below) if total % (b * unit) == 0]
+
+
+# ----------------------------------------------------------------------------
+# Settings.
+# ----------------------------------------------------------------------------
+
+
+def with_overrides(config, overrides: dict[str, Any]):
+  """A copy of `config` with {"section.field": value} set."""
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  return config
+
+
+def grid_overrides(config, num_devices: int, grid: str) -> list[dict[str, Any]]:
+  """The settings to report on `num_devices` devices.
+
+  paper: float32 / bfloat16 x remat off / on x fsdp 1 / all devices;
+  config: the config's own (its mesh resolved on these devices).
+  """
+  from ddpo_jax import sharding
+
+  if grid == "config":
+    data, fsdp = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
+    return [{"mesh.data": data, "mesh.fsdp": fsdp}]
+  fsdps = [1] if num_devices == 1 else [1, num_devices]
+  return [
+    {"model.dtype": dtype, "train.remat": remat, "mesh.data": num_devices // fsdp, "mesh.fsdp": fsdp}
+    for dtype in ("float32", "bfloat16")
+    for remat in (False, True)
+    for fsdp in fsdps
+  ]
+
+
+def samples_per_epoch(config) -> int:
+  return config.sample.batch_size * config.sample.num_batches_per_epoch
+
+
+def transitions_per_update(config) -> int:
+  return config.train.batch_size * config.train.gradient_accumulation_steps
+
+
+def measuring_config(config, num_devices: int, sample_per_device: int, train_per_device: int):
+  """The config the bench compiles: the same epoch, in sampling calls of
+  `sample_per_device` x devices and minibatches of `train_per_device` x
+  devices, one minibatch per optimiser step (see the module docstring)."""
+  samples = samples_per_epoch(config)
+  return with_overrides(
+    config,
+    {
+      "sample.batch_size": sample_per_device * num_devices,
+      "sample.num_batches_per_epoch": samples // (sample_per_device * num_devices),
+      "train.batch_size": train_per_device * num_devices,
+      "train.gradient_accumulation_steps": 1,
+    },
+  )
+
+
+# ----------------------------------------------------------------------------
+# Abstract inputs and byte counts (these import jax).
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """One compiled function's bytes per device (memory_analysis), or their estimate."""
+
+  argument: int
+  output: int
+  alias: int
+  temp: int
+  seconds: float = 0.0
+
+  @property
+  def total(self) -> int:
+    """Live at once while it runs: arguments, outputs not donated into, temporaries."""
+    return self.argument + self.output - self.alias + self.temp
+
+
+@functools.lru_cache(maxsize=4)
+def abstract_model(name: str, dtype: str):
+  from ddpo_jax import architectures
+
+  return architectures.abstract_model(name, dtype)
+
+
+def _sds(x, sharding):
+  import jax
+
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes per device of abstract arrays carrying their shardings."""
+  import jax
+
+  from ddpo_jax import sharding
+
+  return sharding.bytes_per_device(tree, jax.tree.map(lambda x: x.sharding, tree))
+
+
+def make_trainer(config, devices):
+  """The Trainer of `config` on abstract params, and those params."""
+  from ddpo_jax import sharding
+  from ddpo_jax import train
+
+  model, params = abstract_model(config.model.name, config.model.dtype)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  return train.Trainer(config, model, mesh, params), params
+
+
+def sampler_args(trainer, params, batch: int) -> tuple:
+  """(params, token_ids [B, L], negative_token_ids [L], key) of sample_fn, abstract, with its shardings."""
+  import jax
+  import jax.numpy as jnp
+
+  rep = trainer.replicated
+  frozen = jax.tree.map(lambda x: _sds(x, rep), {"vae": params["vae"], "text_encoder": params["text_encoder"]})
+  length = trainer.model.max_prompt_tokens
+  return (
+    dict(frozen, unet=trainer.abstract_state.params),
+    jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=trainer.batch_sharding),
+    jax.ShapeDtypeStruct((length,), jnp.int32, sharding=rep),
+    jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+  )
+
+
+def sampler_outputs(trainer, args) -> tuple:
+  """(trajectory, context [B, L, D], images [B, H, W, 3]) of one call, abstract, with their shardings."""
+  import jax
+
+  trajectory, context, images = jax.eval_shape(trainer.sample_fn, *args)
+  batch, rep = trainer.batch_sharding, trainer.replicated
+  trajectory = trajectory.replace(
+    latents=_sds(trajectory.latents, batch),
+    log_probs=_sds(trajectory.log_probs, batch),
+    timesteps=_sds(trajectory.timesteps, rep),
+  )
+  return trajectory, _sds(context, batch), _sds(images, batch)
+
+
+def epoch_rollouts(trainer, outputs, num_batches: int):
+  """The epoch's Rollouts (N = num_batches calls' samples), abstract, with their shardings."""
+  import jax
+  import jax.numpy as jnp
+
+  from ddpo_jax import update
+
+  trajectory, context, _ = outputs
+  batch = trainer.batch_sharding
+  grow = lambda x: jax.ShapeDtypeStruct((x.shape[0] * num_batches,) + x.shape[1:], x.dtype, sharding=batch)
+  return update.Rollouts(
+    latents=grow(trajectory.latents),
+    log_probs=grow(trajectory.log_probs),
+    timesteps=trajectory.timesteps,
+    context=grow(context),
+    advantages=jax.ShapeDtypeStruct((context.shape[0] * num_batches,), jnp.float32, sharding=batch),
+  )
+
+
+def step_args(trainer, params, rollouts) -> tuple:
+  """(state, transitions, index, negative_context) of step_fn, abstract, with its shardings."""
+  import jax
+  import jax.numpy as jnp
+
+  from ddpo_jax import sharding
+
+  rep = trainer.replicated
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+  transitions = jax.eval_shape(trainer.transitions_fn, rollouts, key)
+  transitions = jax.tree.map(lambda x: _sds(x, sharding.batch_axis(trainer.mesh, 2)), transitions)
+  tokens = jax.ShapeDtypeStruct((1, trainer.model.max_prompt_tokens), jnp.int32, sharding=rep)
+  context = jax.eval_shape(trainer.encode_fn, jax.tree.map(lambda x: _sds(x, rep), params["text_encoder"]), tokens)
+  negative = jax.ShapeDtypeStruct(context.shape[1:], context.dtype, sharding=rep)
+  index = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+  return trainer.abstract_state, transitions, index, negative
+
+
+def compiled_memory(jitted, args) -> Memory:
+  """Lowers and compiles `jitted` for abstract `args`; its memory_analysis per device."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  seconds = time.perf_counter() - start
+  stats = compiled.memory_analysis()
+  return Memory(
+    argument=int(stats.argument_size_in_bytes),
+    output=int(stats.output_size_in_bytes),
+    alias=int(stats.alias_size_in_bytes),
+    temp=int(stats.temp_size_in_bytes),
+    seconds=seconds,
+  )
+
+
+# ----------------------------------------------------------------------------
+# Activations counted on jaxprs (backend-independent).
+# ----------------------------------------------------------------------------
+
+_REMAT_PRIMITIVES = ("checkpoint", "remat", "remat2")
+
+
+def _aval_bytes(aval) -> int:
+  import numpy as np
+
+  return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+
+
+def residual_bytes(closed_jaxpr) -> int:
+  """Bytes of a vjp jaxpr's outputs (the residuals) that are not its inputs or constants."""
+  from jax.extend import core
+
+  inputs = set(closed_jaxpr.jaxpr.invars) | set(closed_jaxpr.jaxpr.constvars)
+  seen, total = set(), 0
+  for var in closed_jaxpr.jaxpr.outvars:
+    if isinstance(var, core.Literal) or var in inputs or var in seen:
+      continue
+    seen.add(var)
+    total += _aval_bytes(var.aval)
+  return total
+
+
+def _remat_blocks(jaxpr):
+  """The rematerialised sub-jaxprs of a jaxpr, at any depth."""
+  from jax.extend import core
+
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in _REMAT_PRIMITIVES:
+      inner = eqn.params["jaxpr"]
+      yield inner if isinstance(inner, core.ClosedJaxpr) else core.ClosedJaxpr(inner, [])
+  for sub in core.subjaxprs(jaxpr):
+    yield from _remat_blocks(sub)
+
+
+def _vjp_residual_bytes(fn, *args) -> int:
+  import jax
+
+  return residual_bytes(jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1])(*args))
+
+
+def saved_activation_bytes(model, settings, unet_params, minibatch, negative_context) -> int:
+  """Activations one minibatch's backward pass needs at once, counted on the jaxpr.
+
+  The residuals of the loss's vjp in the UNet params; with remat, plus the
+  largest rematerialised block's own residuals (recomputed in the backward
+  pass). Abstract arguments without shardings: pass one device's minibatch.
+  """
+  import jax
+
+  from ddpo_jax import update
+
+  def vjp(params, minibatch, negative):
+    return jax.vjp(lambda p: update.minibatch_loss(model, p, minibatch, negative, settings)[0], params)[1]
+
+  total = residual_bytes(jax.make_jaxpr(vjp)(unet_params, minibatch, negative_context))
+  if settings.remat:
+    loss = lambda p, m, n: update.minibatch_loss(model, p, m, n, settings)[0]
+    forward = jax.make_jaxpr(loss)(unet_params, minibatch, negative_context)
+    total += max((block_residual_bytes(block) for block in _remat_blocks(forward.jaxpr)), default=0)
+  return total
+
+
+def block_residual_bytes(block) -> int:
+  """Residual bytes of a (closed) sub-jaxpr's vjp, for abstract inputs of its input types."""
+  import jax
+  from jax.extend import core
+
+  args = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in block.jaxpr.invars]
+  return _vjp_residual_bytes(core.jaxpr_as_fun(block), *args)
+
+
+def largest_intermediate_bytes(fn, *args) -> int:
+  """The largest value any equation of fn's jaxpr produces, at any depth."""
+  import jax
+  from jax.extend import core
+
+  def largest(jaxpr) -> int:
+    own = max((_aval_bytes(v.aval) for eqn in jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "shape")), default=0)
+    return max([own] + [largest(sub) for sub in core.subjaxprs(jaxpr)])
+
+  return largest(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _unsharded(tree, leading: int | None = None):
+  """Abstract arrays without shardings; with `leading`, the first axis set to it."""
+  import jax
+
+  def one(x):
+    shape = x.shape if leading is None else (leading,) + x.shape[1:]
+    return jax.ShapeDtypeStruct(shape, x.dtype)
+
+  return jax.tree.map(one, tree)
+
+
+def local_minibatch(transitions, per_device: int):
+  """One device's minibatch [M / devices, ...] of abstract transitions [U, A, M, ...]."""
+  import jax
+
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct((per_device,) + x.shape[3:], x.dtype), transitions)
+
+
+# ----------------------------------------------------------------------------
+# One setting on one mesh.
+# ----------------------------------------------------------------------------
+
+
+def sampling_peak(sample: Memory, sizes: dict[str, int]) -> int:
+  """Per-device peak of the sampling phase: a sampler call, the optimizer
+  state (not one of its arguments) and the outputs of the epoch's earlier
+  calls (train.py keeps them until training)."""
+  return sample.total + sizes["opt_state"] + (sizes["num_batches"] - 1) * sizes["sample_outputs"]
+
+
+def training_peak(step: Memory, sizes: dict[str, int]) -> int:
+  """Per-device peak of the training phase: a training step (state,
+  transitions, temporaries), the frozen params and the epoch's rollouts
+  (every sampler call's outputs, plus their concatenation when there are
+  several calls)."""
+  return step.total + sizes["frozen_params"] + sizes["epoch_buffers"]
+
+
+class Setting:
+  """One config on one mesh: builds Trainers and measures the two phases."""
+
+  def __init__(self, config, devices, compile_: bool):
+    self.config, self.devices, self.compile = config, list(devices), compile_
+    self.num_devices = len(self.devices)
+    self._samples: dict[int, tuple] = {}
+    self._steps: dict[int, tuple] = {}
+    self._trainers: dict[int, tuple] = {}
+
+  def trainer(self, train_per_device: int):
+    """The Trainer of minibatches of `train_per_device` transitions per device, and the abstract params."""
+    if train_per_device not in self._trainers:
+      sample_per_device = self.config.sample.batch_size // self.num_devices
+      config = measuring_config(self.config, self.num_devices, sample_per_device, train_per_device)
+      self._trainers[train_per_device] = make_trainer(config, self.devices)
+    return self._trainers[train_per_device]
+
+  def static_sizes(self) -> dict[str, Any]:
+    from ddpo_jax import sharding
+
+    trainer, params = self.trainer(self.config.train.batch_size // self.num_devices)
+    state, shardings = trainer.abstract_state, trainer.state_sharding
+    unet = sharding.bytes_per_device(state.params, shardings.params)
+    total = sharding.bytes_per_device(state, shardings)
+    frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
+    return {
+      "unet_params": unet,
+      "opt_state": total - unet,
+      "frozen_params": sum(x.size * x.dtype.itemsize for x in _leaves(frozen)),
+      "state_sharded_fraction": sharding.sharded_fraction(state, shardings),
+    }
+
+  def sample(self, per_device: int) -> tuple[Memory, dict[str, int]]:
+    """The sampler's memory for `per_device` samples per device, and buffer sizes."""
+    if per_device in self._samples:
+      return self._samples[per_device]
+    trainer, params = self.trainer(self.config.train.batch_size // self.num_devices)
+    args = sampler_args(trainer, params, per_device * self.num_devices)
+    outputs = sampler_outputs(trainer, args)
+    num_batches = samples_per_epoch(self.config) // (per_device * self.num_devices)
+    rollouts = epoch_rollouts(trainer, outputs, num_batches)
+    out_bytes = bytes_per_device(outputs)
+    copies = bytes_per_device(rollouts) - bytes_per_device(rollouts.advantages) if num_batches > 1 else 0
+    sizes = {
+      "sample_outputs": out_bytes,
+      "epoch_buffers": num_batches * out_bytes + copies + bytes_per_device(rollouts.advantages),
+      "num_batches": num_batches,
+    }
+    if self.compile:
+      logging.info("compiling the sampler: %d samples per device ...", per_device)
+      memory = compiled_memory(trainer.sample_fn, args)
+      logging.info("  %.1f s, %.2f GiB of temporaries", memory.seconds, memory.temp / GiB)
+    else:
+      memory = self._rough_sampler(trainer, args, outputs, per_device)
+    self._samples[per_device] = (memory, sizes)
+    return memory, sizes
+
+  def _rough_sampler(self, trainer, args, outputs, per_device: int) -> Memory:
+    import functools as ft
+
+    from ddpo_jax import sampling
+    from ddpo_jax import train
+
+    fn = ft.partial(sampling.sample, trainer.model, settings=train.sampler_settings(self.config))
+    local = (_unsharded(args[0]), _unsharded(args[1], per_device), _unsharded(args[2]), _unsharded(args[3]))
+    rough = int(ROUGH_SAMPLER_FACTOR * largest_intermediate_bytes(fn, *local))
+    return Memory(argument=bytes_per_device(args), output=bytes_per_device(outputs), alias=0, temp=rough)
+
+  def train(self, per_device: int) -> tuple[Memory, int]:
+    """The training step's memory for `per_device` transitions per device, and its saved activations.
+
+    The step's inputs are the epoch's transitions whatever the sampling
+    calls' size, so sampling the epoch in the config's calls is as good as any.
+    """
+    from ddpo_jax import train as train_lib
+
+    if per_device in self._steps:
+      return self._steps[per_device]
+    trainer, params = self.trainer(per_device)
+    sample_per_device = self.config.sample.batch_size // self.num_devices
+    _, sizes = self.sample(sample_per_device)
+    args = sampler_args(trainer, params, sample_per_device * self.num_devices)
+    rollouts = epoch_rollouts(trainer, sampler_outputs(trainer, args), sizes["num_batches"])
+    state, transitions, index, negative = step_args(trainer, params, rollouts)
+    settings = train_lib.update_settings(trainer.config)
+    activations = saved_activation_bytes(
+      trainer.model,
+      settings,
+      _unsharded(params["unet"]),
+      local_minibatch(transitions, per_device),
+      _unsharded(negative),
+    )
+    if self.compile:
+      logging.info("compiling the training step: %d transitions per device ...", per_device)
+      memory = compiled_memory(trainer.step_fn, (state, transitions, index, negative))
+      logging.info("  %.1f s, %.2f GiB of temporaries", memory.seconds, memory.temp / GiB)
+    else:
+      state_bytes = bytes_per_device(state)
+      unet_bytes = bytes_per_device(state.params)
+      argument = bytes_per_device((state, transitions, index, negative))
+      # Outputs alias the donated state; the summed and the current gradients live beside the activations.
+      memory = Memory(argument=argument, output=state_bytes, alias=state_bytes, temp=2 * unet_bytes + activations)
+    self._steps[per_device] = (memory, activations)
+    return memory, activations
+
+
+def _leaves(tree):
+  import jax
+
+  return jax.tree.leaves(tree)
+
+
+def measure(config, target: Target, devices, compile_: bool = True, search: bool = True, headroom: float = 0.9):
+  """The report of one setting (a dict, JSON-ready) on `devices` (the mesh's)."""
+  import jax
+
+  num_devices = len(devices)
+  setting = Setting(config, devices, compile_)
+  sample0 = config.sample.batch_size // num_devices
+  train0 = config.train.batch_size // num_devices
+  sizes = setting.static_sizes()
+  sample_memory, buffers = setting.sample(sample0)
+  train_memory, activations = setting.train(train0)
+  sizes.update(buffers)
+  peaks = {"sampling": sampling_peak(sample_memory, sizes), "training": training_peak(train_memory, sizes)}
+  peak = max(peaks.values())
+  limit = budget(target.hbm_bytes, headroom)
+  cfg_rows = 1 if config.sample.guidance_scale == 1.0 else 2
+  backend = jax.default_backend().upper()
+  record = {
+    "target": target.name,
+    "description": target.description,
+    "model": config.model.name,
+    "devices": num_devices,
+    "hbm_bytes": target.hbm_bytes,
+    "headroom": headroom,
+    "estimate": f"XLA:{backend} compiled" if compile_ else "analytical (rough activations)",
+    "mesh": {"data": int(config.mesh.data), "fsdp": int(config.mesh.fsdp)},
+    "dtype": config.model.dtype,
+    "remat": bool(config.train.remat),
+    "bytes_per_device": {
+      k: sizes[k] for k in ("unet_params", "opt_state", "frozen_params", "sample_outputs", "epoch_buffers")
+    },
+    "state_sharded_fraction": sizes["state_sharded_fraction"],
+    "sample": dict(
+      _phase_record(sample_memory, sample0, num_devices, peaks["sampling"]),
+      num_batches_per_epoch=buffers["num_batches"],
+    ),
+    "train": dict(
+      _phase_record(train_memory, train0, num_devices, peaks["training"]),
+      unet_rows_per_device=cfg_rows * train0,
+      saved_activations=activations,
+    ),
+    "peak_bytes": peak,
+    "verdict": verdict(peak, target.hbm_bytes, headroom),
+    "fits": peak <= limit,
+    "largest_fitting": None,
+  }
+  if search and peak > limit:
+    record["largest_fitting"] = _search(setting, config, sizes, sample0, train0, limit)
+  return record
+
+
+def _phase_record(memory: Memory, per_device: int, num_devices: int, peak: int) -> dict[str, Any]:
+  return {
+    "batch_per_device": per_device,
+    "global_batch": per_device * num_devices,
+    "argument": memory.argument,
+    "output": memory.output,
+    "alias": memory.alias,
+    "temp": memory.temp,
+    "peak": peak,
+    "compile_seconds": round(memory.seconds, 1),
+  }
+
+
+def _search(setting: Setting, config, sizes, sample0: int, train0: int, limit: int) -> dict[str, Any]:
+  """The largest per-device sample and train batches whose phases fit in `limit`."""
+  n = setting.num_devices
+
+  def sample_peak_of(per_device: int) -> int:
+    memory, buffers = setting.sample(per_device)
+    return sampling_peak(memory, dict(sizes, **buffers))
+
+  samples = samples_per_epoch(config)
+  sample_fit, sample_points = search_batch(sample_peak_of, sample0, divisors_below(samples, n, sample0), limit)
+  # The training phase keeps the epoch's rollouts as the fitting sampling calls leave them.
+  _, fit_buffers = setting.sample(sample_fit or sample0)
+
+  def train_peak_of(per_device: int) -> int:
+    return training_peak(setting.train(per_device)[0], dict(sizes, **fit_buffers))
+
+  per_update = transitions_per_update(config)
+  train_fit, train_points = search_batch(train_peak_of, train0, divisors_below(per_update, n, train0), limit)
+  return {
+    "sample_batch_per_device": sample_fit,
+    "num_batches_per_epoch": samples // (sample_fit * n) if sample_fit else None,
+    "train_batch_per_device": train_fit,
+    "gradient_accumulation_steps": per_update // (train_fit * n) if train_fit else None,
+    "sampling_peaks": {str(k): v for k, v in sorted(sample_points.items())},
+    "training_peaks": {str(k): v for k, v in sorted(train_points.items())},
+  }
+
+
+# ----------------------------------------------------------------------------
+# Devices, child processes, output.
+# ----------------------------------------------------------------------------
+
+
+def cpu_environment(num_devices: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+  """An environment whose jax has `num_devices` CPU devices and keeps remat barriers."""
+  env = dict(os.environ if environ is None else environ)
+  kept = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  kept = [f for f in kept if f not in CPU_XLA_FLAGS]
+  env["XLA_FLAGS"] = " ".join(kept + [f"--xla_force_host_platform_device_count={num_devices}", *CPU_XLA_FLAGS])
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def devices_for(num_devices: int, platform: str):
+  """`num_devices` devices; on the CPU, set up before jax starts its backend."""
+  if platform == "cpu":
+    os.environ.update(cpu_environment(num_devices))
+  import jax
+
+  if platform == "cpu":
+    jax.config.update("jax_platforms", "cpu")
+  devices = jax.devices()
+  if len(devices) < num_devices:
+    raise app.UsageError(
+      f"jax has {len(devices)} devices and the mesh needs {num_devices}; its backend started before the bench "
+      "could set the device count: run it as `python -m ddpo_jax.bench memory` in a fresh process."
+    )
+  return devices[:num_devices]
+
+
+def run_target(
+  config,
+  target: Target,
+  num_devices: int,
+  grid: str = "paper",
+  compile_: bool = True,
+  search: bool = True,
+  headroom: float = 0.9,
+  platform: str = "cpu",
+) -> list[dict]:
+  """Reports of every setting of `grid` on `target` (in this process)."""
+  from ddpo_jax import validation
+
+  devices = devices_for(num_devices, platform)
+  records = []
+  for overrides in grid_overrides(config, num_devices, grid):
+    setting = with_overrides(config, overrides)
+    validation.validate(setting, None, num_devices)
+    logging.info("%s: %s", target.name, overrides)
+    start = time.perf_counter()
+    record = measure(setting, target, devices, compile_, search, headroom)
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    records.append(record)
+  return records
+
+
+def _own_flags(argv: list[str]) -> list[str]:
+  """argv's flags without --target, --num_devices and --json (the child gets its own)."""
+  kept, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+      continue
+    name = arg.split("=", 1)[0]
+    if name in ("--target", "--num_devices") and "=" not in arg:
+      skip = True
+      continue
+    if name in ("--target", "--num_devices", "--json", "--nojson"):
+      continue
+    kept.append(arg)
+  return kept
+
+
+def run_child(target: Target, argv: list[str], num_devices: int) -> list[dict]:
+  """Runs one target in a child process (its own device count); its records."""
+  command = [sys.executable, "-m", "ddpo_jax.bench", "memory", *_own_flags(argv)]
+  command += [f"--target={target.name}", f"--num_devices={num_devices}", "--json"]
+  logging.info("%s: %s", target.name, " ".join(command))
+  result = subprocess.run(command, env=cpu_environment(num_devices), stdout=subprocess.PIPE, text=True)
+  if result.returncode:
+    raise RuntimeError(f"the bench of {target.name} failed (exit status {result.returncode}); see its log above.")
+  return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def _size(value: int | None) -> str:
+  """Bytes as GiB, or MiB below 0.1 GiB."""
+  if value is None:
+    return "-"
+  return f"{value / GiB:.1f} GiB" if value >= GiB / 10 else f"{value / 2**20:.1f} MiB"
+
+
+def format_table(records: list[dict]) -> str:
+  """A markdown table of the records (GiB per device) and its notes."""
+  header = (
+    "| target | mesh data×fsdp | dtype | remat | UNet params + opt / dev | frozen / dev | rollouts / dev "
+    "| sampling peak (samples/dev) | training peak (transitions/dev) | saved act. (jaxpr) | HBM | verdict "
+    "| fits at samples/dev, transitions/dev (accum.) | compile s: sampler, step |"
+  )
+  lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+  for r in records:
+    b, s, t = r["bytes_per_device"], r["sample"], r["train"]
+    fit = r.get("largest_fitting")
+    if r["fits"]:
+      fitting = "as configured"
+    elif not fit:
+      fitting = "not searched"
+    else:
+      fitting = f"{fit['sample_batch_per_device'] or 'none'}, {fit['train_batch_per_device'] or 'none'}" + (
+        f" ({fit['gradient_accumulation_steps']})" if fit["train_batch_per_device"] else ""
+      )
+    lines.append(
+      f"| {r['target']} | {r['mesh']['data']}×{r['mesh']['fsdp']} | {r['dtype']} | {'on' if r['remat'] else 'off'} "
+      f"| {_size(b['unet_params'])} + {_size(b['opt_state'])} | {_size(b['frozen_params'])} | {_size(b['epoch_buffers'])} "
+      f"| {_size(s['peak'])} ({s['batch_per_device']}) | {_size(t['peak'])} ({t['batch_per_device']}) "
+      f"| {_size(t['saved_activations'])} | {_size(r['hbm_bytes'])} | {r['verdict']} | {fitting} "
+      f"| {s['compile_seconds']}, {t['compile_seconds']} |"
+    )
+  estimates = sorted({r["estimate"] for r in records})
+  notes = [
+    f"Bytes per device. Working memory: {', '.join(estimates)} for each target's mesh "
+    "(XLA:CPU's buffer assignment, not TPU's or GPU's; bfloat16 overstated by XLA:CPU's float32 arithmetic).",
+    "Peak = max(sampling: sampler call + optimizer state + earlier calls' outputs; training: step + frozen params "
+    "+ the epoch's rollouts); verdict against the HBM × headroom "
+    f"({records[0]['headroom'] if records else ''}); 'saved act. (jaxpr)': one minibatch's backward activations "
+    "counted on the jaxpr, dtype-exact.",
+  ]
+  return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  targets = list(TARGETS.values()) if FLAGS.target == "all" else [TARGETS[FLAGS.target]]
+  if len(targets) > 1:
+    records = [r for t in targets for r in run_child(t, sys.argv[1:], FLAGS.num_devices or t.num_devices)]
+  else:
+    target = targets[0]
+    num_devices = FLAGS.num_devices or target.num_devices
+    records = run_target(
+      FLAGS.config, target, num_devices, FLAGS.grid, FLAGS.compile, FLAGS.search, FLAGS.headroom, FLAGS.platform
+    )
+  if FLAGS.json:
+    for record in records:
+      sys.stdout.write(json.dumps(record) + "\n")
+  else:
+    sys.stdout.write(format_table(records))
+  sys.stdout.flush()

@@ -1,0 +1,161 @@
+"""Checkpoints: sharded round trip, a kill while saving, damaged checkpoints,
+and the metrics file of a resumed run."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpo_jax import checkpoints
+from ddpo_jax import metrics
+from ddpo_jax import sharding
+from ddpo_jax import update
+
+
+def make_state(mesh, scale=1.0, size=64):
+  params = {
+    "conv": {"kernel": scale * jnp.arange(3 * 3 * size * 8, dtype=jnp.float32).reshape(3, 3, size, 8)},
+    "bias": scale * jnp.ones((8,), jnp.float32),
+  }
+  state = update.TrainState(step=jnp.array(7, jnp.int32), params=params, opt_state=(jax.tree.map(jnp.sqrt, params),))
+  shardings = sharding.tree_shardings(state, mesh, min_size=64)
+  return jax.device_put(state, shardings), shardings
+
+
+def abstract(state, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_is_due():
+  due = [e for e in range(10) if checkpoints.is_due(e, 10, 4)]
+  assert due == [3, 7, 9]
+  assert [e for e in range(5) if checkpoints.is_due(e, 5, 0)] == [4]
+
+
+def test_sharded_round_trip(tmp_path):
+  mesh = sharding.make_mesh(2, 4)
+  state, shardings = make_state(mesh)
+  assert state.params["conv"]["kernel"].sharding.spec != jax.sharding.PartitionSpec()
+  saver = checkpoints.Checkpointer(str(tmp_path))
+  meta = {"epoch": 3, "seed": 0, "tracker": {"a cat": [0.1, 1 / 3]}}
+  saver.save(4, state, meta)
+  saver.close()
+  step, restored, restored_meta = checkpoints.Checkpointer(str(tmp_path)).restore_latest(abstract(state, shardings))
+  assert step == 4 and restored_meta == meta
+  assert_same(state, restored)
+  assert restored.params["conv"]["kernel"].sharding == shardings.params["conv"]["kernel"]
+
+
+def test_keeps_the_last_k(tmp_path):
+  state, _ = make_state(sharding.make_mesh(8, 1))
+  saver = checkpoints.Checkpointer(str(tmp_path), max_to_keep=2)
+  for step in (1, 2, 3):
+    saver.save(step, state, {"epoch": step - 1})
+  saver.close()
+  assert checkpoints.Checkpointer(str(tmp_path)).steps() == [2, 3]
+
+
+# Saves step 1, starts an asynchronous save of step 2 (big enough to take a
+# while) and kills itself with SIGKILL as soon as orbax's temporary folder of
+# step 2 exists: a process dying in the middle of writing a checkpoint.
+KILLED_WRITER = textwrap.dedent(
+  """
+  import os, signal, sys, time
+  import jax, jax.numpy as jnp
+  from ddpo_jax import checkpoints
+  directory = sys.argv[1]
+  saver = checkpoints.Checkpointer(directory)
+  saver.save(1, {"w": jnp.ones((4, 4))}, {"epoch": 0})
+  saver.wait()
+  big = jax.random.normal(jax.random.PRNGKey(0), (64, 1024, 1024))  # 256 MB
+  saver.save(2, {"w": big}, {"epoch": 1})
+  deadline = time.time() + 60
+  while time.time() < deadline:
+    if any("tmp" in name for name in os.listdir(directory)):
+      open(os.path.join(directory, "..", "killed_mid_write"), "w").close()
+      os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.001)
+  """
+)
+
+
+def test_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
+  directory = tmp_path / "checkpoints"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  result = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(directory)], env=env, capture_output=True)
+  assert result.returncode == -9, result.stderr.decode()[-2000:]
+  assert (tmp_path / "killed_mid_write").exists()
+  saver = checkpoints.Checkpointer(str(directory))
+  assert saver.steps() == [1]
+  abstract_state = {"w": jax.ShapeDtypeStruct((4, 4), jnp.float32, sharding=sharding.replicated(sharding.make_mesh()))}
+  step, state, meta = saver.restore_latest(abstract_state)
+  assert step == 1 and meta == {"epoch": 0}
+  np.testing.assert_array_equal(np.asarray(state["w"]), np.ones((4, 4)))
+
+
+def _damage(step_dir, how):
+  files = [os.path.join(root, name) for root, _, names in os.walk(step_dir / "state") for name in names]
+  data = [f for f in files if f"{os.sep}d{os.sep}" in f] or files
+  assert data
+  for path in data:
+    if how == "deleted":
+      os.remove(path)
+    else:
+      size = os.path.getsize(path)
+      with open(path, "wb") as f:
+        f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("how", ["deleted", "garbled"])
+def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, how, caplog):
+  state, shardings = make_state(sharding.make_mesh(8, 1))
+  saver = checkpoints.Checkpointer(str(tmp_path))
+  saver.save(1, state, {"epoch": 0})
+  saver.wait()
+  later, _ = make_state(sharding.make_mesh(8, 1), scale=2.0)
+  saver.save(2, later, {"epoch": 1})
+  saver.close()
+  _damage(tmp_path / "2", how)
+  with caplog.at_level(logging.WARNING):
+    step, restored, meta = checkpoints.Checkpointer(str(tmp_path)).restore_latest(abstract(state, shardings))
+  assert step == 1 and meta == {"epoch": 0}
+  assert_same(state, restored)
+  assert any("checkpoint 2" in r.getMessage() and "skipping" in r.getMessage() for r in caplog.records)
+
+
+def test_no_checkpoint_restores_none(tmp_path):
+  state, shardings = make_state(sharding.make_mesh(8, 1))
+  assert checkpoints.Checkpointer(str(tmp_path)).restore_latest(abstract(state, shardings)) is None
+
+
+def test_metrics_of_repeated_epochs_are_set_aside(tmp_path):
+  writer = metrics.MetricWriter(str(tmp_path))
+  for epoch in range(4):
+    writer.write_scalars(epoch, {"reward_mean": float(epoch)})
+  writer.close()
+  with open(tmp_path / metrics.METRICS_FILE, "a") as f:
+    f.write('{"epoch": 4, "rew')  # torn by a kill
+  writer = metrics.MetricWriter(str(tmp_path))
+  assert writer.resume_at(2) == 3
+  writer.write_scalars(2, {"reward_mean": 20.0})
+  writer.close()
+  assert [(r["epoch"], r["reward_mean"]) for r in metrics.read_metrics(str(tmp_path))] == [
+    (0, 0.0),
+    (1, 1.0),
+    (2, 20.0),
+  ]
+  with open(tmp_path / metrics.DISCARDED_FILE) as f:
+    discarded = f.read().splitlines()
+  assert [json.loads(line)["epoch"] for line in discarded[:2]] == [2, 3] and discarded[2].startswith('{"epoch": 4')

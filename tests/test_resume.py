@@ -1,0 +1,141 @@
+"""Preemption and exact resumption of `python -m ddpo_jax.main`.
+
+A run killed (SIGKILL, no clean exit) after its first checkpoint and started
+again with the same --workdir must write the same metrics.jsonl records and
+end with the same params as an uninterrupted run; a SIGTERM makes a run save
+a checkpoint at the end of its epoch and stop.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ddpo_jax import checkpoints
+from ddpo_jax import config_utils
+from ddpo_jax import metrics
+from ddpo_jax import prompts
+from ddpo_jax import rewards
+from ddpo_jax import train
+
+NUM_EPOCHS = 3
+# Settings of a small run of the tiny test model: per-prompt statistics over a
+# few prompts, so that the stat tracker's buffers must be restored too.
+OVERRIDES = {
+  "num_epochs": NUM_EPOCHS,
+  "prompt.name": "tests.test_resume:three_shapes",
+  "stat_tracking.per_prompt": True,
+  "stat_tracking.buffer_size": 8,
+  "stat_tracking.min_count": 4,
+  "sample.batch_size": 16,
+  "sample.num_steps": 4,
+  "train.batch_size": 16,
+  "train.gradient_accumulation_steps": 2,
+  "checkpoint.every_epochs": 1,
+  "logging.images_every_epochs": 0,
+}
+# Timings differ from run to run; everything else must not.
+TIMINGS = ("seconds", "sampling_seconds", "training_seconds")
+
+
+def three_shapes(**unused_kwargs):  # the tiny preset's prompt.kwargs are the constant prompt's
+  return prompts.uniform(["a red circle", "a blue square", "a green cross"])
+
+
+def overrides(model_dir, **more):
+  return dict(OVERRIDES, **{"model.name": model_dir}, **more)
+
+
+def make_config(values):
+  config = config_utils.get_config("configs/compress.py:tiny")
+  for key, value in values.items():
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = value
+  return config
+
+
+def flags(values):
+  return [f"--config.{key}={value}" for key, value in values.items()]
+
+
+def records(workdir):
+  return [{k: v for k, v in r.items() if k not in TIMINGS} for r in metrics.read_metrics(str(workdir))]
+
+
+def final_params(workdir, trainer_abstract_state):
+  saver = checkpoints.Checkpointer(checkpoints.checkpoint_dir(str(workdir)))
+  step, state, _ = saver.restore_latest(trainer_abstract_state)
+  saver.close()
+  return step, jax.device_get(state.params)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  _, state = train.train(make_config(overrides(tiny_model_dir)), str(workdir))
+  return workdir, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def test_killed_run_resumes_exactly(tiny_model_dir, uninterrupted, tmp_path):
+  reference_dir, abstract_state = uninterrupted
+  values = overrides(tiny_model_dir)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  command = [sys.executable, "-m", "ddpo_jax.main", "--config=configs/compress.py:tiny", f"--workdir={tmp_path}"]
+  process = subprocess.Popen(
+    command + flags(values), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+  )
+  first_checkpoint = tmp_path / "checkpoints" / "1"
+  deadline = time.time() + 300
+  while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  os.killpg(process.pid, signal.SIGKILL)
+  _, stderr = process.communicate()
+  assert process.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
+  done = sorted(int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit())
+  assert done and done[-1] < NUM_EPOCHS, done  # killed part-way
+
+  summary = train.train_and_evaluate(make_config(values), str(tmp_path))
+  assert summary["epoch"] == NUM_EPOCHS - 1
+  assert records(tmp_path) == records(reference_dir)
+  step, resumed = final_params(tmp_path, abstract_state)
+  reference_step, reference = final_params(reference_dir, abstract_state)
+  assert step == reference_step == NUM_EPOCHS
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)
+
+
+@rewards.register("test_sigterm_in_second_epoch")
+def sigterm_in_second_epoch():
+  """JPEG compressibility that sends this process SIGTERM on its 3rd call
+  (the first of epoch 1's two sampling batches)."""
+  reward = rewards.make("jpeg_compressibility")
+  calls = []
+
+  def fn(images, prompts):
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return reward(images, prompts)
+
+  return fn
+
+
+def test_sigterm_saves_and_stops_after_the_epoch(tiny_model_dir, uninterrupted, tmp_path):
+  _, abstract_state = uninterrupted
+  values = overrides(tiny_model_dir, **{"reward.name": "test_sigterm_in_second_epoch"})
+  values["checkpoint.every_epochs"] = 0  # only the preemption saves
+  handler = signal.getsignal(signal.SIGTERM)
+  summary = train.train_and_evaluate(make_config(values), str(tmp_path))
+  assert signal.getsignal(signal.SIGTERM) is handler  # restored
+  assert summary["preempted"] and summary["epoch"] == 1
+  assert [r["epoch"] for r in metrics.read_metrics(str(tmp_path))] == [0, 1]
+  step, _ = final_params(tmp_path, abstract_state)
+  assert step == 2
