@@ -52,6 +52,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.reward.name = "jpeg_compressibility"
   # Keyword arguments of the reward's factory.
   config.reward.kwargs = ml_collections.ConfigDict()
+  # A reward that raises, returns NaN/inf or the wrong shape: "raise" stops the
+  # run naming the reward and the prompt; "drop" leaves those samples out of
+  # the statistics and the update (advantage 0) and counts them (reward_invalid).
+  config.reward.on_invalid = "raise"
   # Host threads that compute rewards while the device samples on.
   config.reward.num_threads = 1
 

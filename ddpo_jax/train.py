@@ -217,7 +217,8 @@ def _log_epoch(
   """Fetches an epoch's training metrics (blocking until its training is
   done), checks them, and writes the epoch's record, histogram and grid.
 
-  rewards: every process's [N]; local_rewards, prompts, images: this process's.
+  rewards: every process's valid rewards [N]; local_rewards (NaN where
+  dropped), prompts, images: this process's.
   """
   summary = _mean_metrics(train_metrics)
   done = time.time()
@@ -227,10 +228,6 @@ def _log_epoch(
   summary.update(
     host_metrics,
     epoch=epoch,
-    reward_mean=float(rewards.mean()),
-    reward_std=float(rewards.std()),
-    reward_min=float(rewards.min()),
-    reward_max=float(rewards.max()),
     training_seconds=done - train_start,
     seconds=done - epoch_start,
   )
@@ -256,19 +253,54 @@ def _log_epoch(
   return summary
 
 
-def gather_epoch(local_prompts: list[str], local_rewards: np.ndarray, num_batches: int) -> tuple[list[str], np.ndarray]:
-  """Every process's prompts and rewards, in the rows' global order.
+def gather_rows(local: np.ndarray, num_batches: int) -> np.ndarray:
+  """Every process's per-sample values [N], in the rows' global order.
 
   A global batch holds process 0's rows, then process 1's, ...; an epoch is
-  its batches one after another. Each process passes its own, batch by batch.
-  Returns prompts [N] and rewards float32 [N], N = all processes' samples.
+  its batches one after another. Each process passes its own [n], batch by
+  batch (n = num_batches * rows per process).
   """
-  rewards = sharding.allgather_rows(np.asarray(local_rewards, np.float32).reshape(num_batches, -1))
-  global_rewards = np.swapaxes(rewards, 0, 1).reshape(-1)  # [P, batches, B] -> [batches, P, B]
+  rows = sharding.allgather_rows(np.asarray(local).reshape(num_batches, -1))  # [P, batches, b]
+  return np.swapaxes(rows, 0, 1).reshape(-1)
+
+
+def gather_prompts(local_prompts: list[str], num_batches: int) -> list[str]:
+  """`gather_rows` for strings."""
   per_process = sharding.allgather_strings(local_prompts)
   local = len(local_prompts) // num_batches
-  global_prompts = [host[b * local + i] for b in range(num_batches) for host in per_process for i in range(local)]
-  return global_prompts, global_rewards
+  return [host[b * local + i] for b in range(num_batches) for host in per_process for i in range(local)]
+
+
+def epoch_advantages(
+  prompts: list[str], scored: rewards_lib.ScoredBatch, tracker, clip: float, epoch: int
+) -> np.ndarray:
+  """float32 [N] advantages of every process's samples; 0 for dropped ones,
+  which take no part in the statistics either."""
+  if not scored.valid.any():
+    raise rewards_lib.RewardError(
+      f"epoch {epoch}: every sample's reward is invalid ({scored.problem}); nothing to train on."
+    )
+  advantages = np.zeros(len(prompts), np.float32)
+  kept = [p for p, v in zip(prompts, scored.valid) if v]
+  advantages[scored.valid] = advantages_lib.compute_advantages(kept, scored.rewards[scored.valid], tracker, clip)
+  return advantages
+
+
+def reward_metrics(scored: rewards_lib.ScoredBatch) -> dict[str, float]:
+  """Statistics of the valid rewards, each part's mean, and the dropped count."""
+  valid = scored.rewards[scored.valid]
+  out = dict(
+    reward_mean=float(valid.mean()),
+    reward_std=float(valid.std()),
+    reward_min=float(valid.min()),
+    reward_max=float(valid.max()),
+    reward_invalid=int((~scored.valid).sum()),
+  )
+  for name, values in scored.parts.items():
+    part = values[scored.valid]
+    out[f"reward_{name}_mean"] = float(np.nanmean(part)) if np.isfinite(part).any() else float("nan")
+    out[f"reward_{name}_std"] = float(np.nanstd(part)) if np.isfinite(part).any() else float("nan")
+  return out
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -362,21 +394,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
       batches, desc=f"epoch {epoch} sampling", leave=False, disable=not is_main
     ):
       host_images = sharding.local_rows(images)
-      futures.append(executor.submit(reward_fn, host_images, batch_prompts))
+      futures.append(
+        executor.submit(
+          rewards_lib.score_batch,
+          config.reward.name,
+          reward_fn,
+          host_images,
+          batch_prompts,
+          config.reward.on_invalid,
+        )
+      )
       local_prompts += batch_prompts
       local_images.append(host_images)
-    local_rewards = np.concatenate(
-      [
-        rewards_lib.check_rewards(config.reward.name, f.result(), images, p)
-        for f, images, (p, *_) in zip(futures, local_images, batches)
-      ]
-    )
+    local_scored = rewards_lib.concatenate([f.result() for f in futures])
     sampling_seconds = time.time() - epoch_start
 
     # --- Advantages (per prompt or per batch) over every process's samples,
     # identical on all processes; one per trajectory.
-    all_prompts, rewards = gather_epoch(local_prompts, local_rewards, num_batches)
-    advantages = advantages_lib.compute_advantages(all_prompts, rewards, tracker, config.train.adv_clip_max)
+    all_prompts = gather_prompts(local_prompts, num_batches)
+    scored = rewards_lib.ScoredBatch(
+      rewards=gather_rows(local_scored.rewards, num_batches),
+      valid=gather_rows(local_scored.valid, num_batches),
+      parts={k: gather_rows(v, num_batches) for k, v in local_scored.parts.items()},
+      problem=local_scored.problem,
+    )
+    advantages = epoch_advantages(all_prompts, scored, tracker, config.train.adv_clip_max, epoch)
     rollouts = update.Rollouts(
       latents=jnp.concatenate([b[1].latents for b in batches]),
       log_probs=jnp.concatenate([b[1].log_probs for b in batches]),
@@ -400,11 +442,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
       epoch_start=epoch_start,
       train_start=train_start,
       train_metrics=train_metrics,
-      rewards=rewards,
-      local_rewards=local_rewards,
+      rewards=scored.rewards[scored.valid],
+      local_rewards=local_scored.rewards,
       prompts=local_prompts,
       images=local_images,
       host_metrics=dict(
+        reward_metrics(scored),
         samples=(epoch + 1) * samples_per_epoch,
         sampling_seconds=sampling_seconds,
         **({f"stat_tracker_{k}": v for k, v in tracker.stats().items()} if tracker else {}),

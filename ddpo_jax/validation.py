@@ -40,6 +40,12 @@ def _check_factory(kind: str, setting: str, name: str, registered: list[str]) ->
 
 
 def _check_workdir(workdir: str) -> None:
+  if "://" in workdir:
+    raise ConfigError(
+      f"--workdir={workdir!r}: the workdir is written with local file APIs; mount the bucket with gcsfuse "
+      "(launch/tpu_vm.sh does it on every worker with TPU_BUCKET=...) and give the mounted path, "
+      "or use a shared filesystem."
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir):
@@ -134,6 +140,16 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'.")
   _check_factory("reward", "config.reward.name", config.reward.name, rewards.registered())
+  if config.reward.on_invalid not in rewards.ON_INVALID:
+    raise ConfigError(f"config.reward.on_invalid={config.reward.on_invalid!r}: choose one of {rewards.ON_INVALID}.")
+  if config.reward.name == "weighted":
+    weights = dict(config.reward.kwargs.get("weights", {}))
+    if not weights:
+      raise ConfigError(
+        "config.reward.name='weighted' needs config.reward.kwargs.weights = {reward_name: weight, ...}."
+      )
+    for name in weights:
+      _check_factory("reward", f"config.reward.kwargs.weights[{name!r}]", name, rewards.registered())
   _check_factory("prompt function", "config.prompt.name", config.prompt.name, prompts.registered())
   if models.is_local(config.model.name):
     problem = models.check_model_folder(config.model.name)

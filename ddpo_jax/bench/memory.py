@@ -512,13 +512,35 @@ def training_peak(step: Memory, sizes: dict[str, int]) -> int:
   return step.total + sizes["frozen_params"] + sizes["epoch_buffers"]
 
 
+# Sampler measurements by `sampler_key`: settings that differ in training only share them.
+_SAMPLERS: dict[tuple, tuple] = {}
+
+
+def sampler_key(config, per_device: int, compile_: bool) -> tuple:
+  """What the sampler's memory depends on (not remat, nor the training batch)."""
+  m, s = config.mesh, config.sample
+  return (
+    config.model.name,
+    config.model.dtype,
+    m.data,
+    m.fsdp,
+    tuple(tuple(rule) for rule in m.partition_rules),
+    m.fsdp_min_size,
+    s.num_steps,
+    s.eta,
+    s.guidance_scale,
+    samples_per_epoch(config),
+    per_device,
+    compile_,
+  )
+
+
 class Setting:
   """One config on one mesh: builds Trainers and measures the two phases."""
 
   def __init__(self, config, devices, compile_: bool):
     self.config, self.devices, self.compile = config, list(devices), compile_
     self.num_devices = len(self.devices)
-    self._samples: dict[int, tuple] = {}
     self._steps: dict[int, tuple] = {}
     self._trainers: dict[int, tuple] = {}
 
@@ -547,8 +569,9 @@ class Setting:
 
   def sample(self, per_device: int) -> tuple[Memory, dict[str, int]]:
     """The sampler's memory for `per_device` samples per device, and buffer sizes."""
-    if per_device in self._samples:
-      return self._samples[per_device]
+    key = sampler_key(self.config, per_device, self.compile)
+    if key in _SAMPLERS:
+      return _SAMPLERS[key]
     trainer, params = self.trainer(self.config.train.batch_size // self.num_devices)
     args = sampler_args(trainer, params, per_device * self.num_devices)
     outputs = sampler_outputs(trainer, args)
@@ -567,7 +590,7 @@ class Setting:
       logging.info("  %.1f s, %.2f GiB of temporaries", memory.seconds, memory.temp / GiB)
     else:
       memory = self._rough_sampler(trainer, args, outputs, per_device)
-    self._samples[per_device] = (memory, sizes)
+    _SAMPLERS[key] = (memory, sizes)
     return memory, sizes
 
   def _rough_sampler(self, trainer, args, outputs, per_device: int) -> Memory:
@@ -831,7 +854,8 @@ def format_table(records: list[dict]) -> str:
       )
     lines.append(
       f"| {r['target']} | {r['mesh']['data']}×{r['mesh']['fsdp']} | {r['dtype']} | {'on' if r['remat'] else 'off'} "
-      f"| {_size(b['unet_params'])} + {_size(b['opt_state'])} | {_size(b['frozen_params'])} | {_size(b['epoch_buffers'])} "
+      f"| {_size(b['unet_params'])} + {_size(b['opt_state'])} | {_size(b['frozen_params'])} "
+      f"| {_size(b['epoch_buffers'])} "
       f"| {_size(s['peak'])} ({s['batch_per_device']}) | {_size(t['peak'])} ({t['batch_per_device']}) "
       f"| {_size(t['saved_activations'])} | {_size(r['hbm_bytes'])} | {r['verdict']} | {fitting} "
       f"| {s['compile_seconds']}, {t['compile_seconds']} |"
