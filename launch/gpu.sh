@@ -20,11 +20,14 @@ WORKDIR/checkpoints.
 
 Several machines, one process each: the same command on every machine, with
 the same COORDINATOR_ADDRESS (host:port of process 0) and NUM_PROCESSES, and
-PROCESS_ID 0, 1, ..., NUM_PROCESSES-1. WORKDIR must be shared by all of them
-(gs://BUCKET/... or a shared filesystem).
+PROCESS_ID 0, 1, ..., NUM_PROCESSES-1. WORKDIR must be the same folder on all
+of them: a shared filesystem (NFS, Filestore), or a Cloud Storage bucket mounted
+with gcsfuse at the same path on every machine. ddpo_jax writes WORKDIR with
+local file APIs: gs:// URLs are refused.
 
-  COORDINATOR_ADDRESS=10.0.0.2:1234 NUM_PROCESSES=2 PROCESS_ID=0 launch/gpu.sh configs/compress.py gs://BUCKET/runs/compress
-  COORDINATOR_ADDRESS=10.0.0.2:1234 NUM_PROCESSES=2 PROCESS_ID=1 launch/gpu.sh configs/compress.py gs://BUCKET/runs/compress
+  mkdir -p ~/gcs/BUCKET && gcsfuse --implicit-dirs --rename-dir-limit=200000 BUCKET ~/gcs/BUCKET
+  COORDINATOR_ADDRESS=10.0.0.2:1234 NUM_PROCESSES=2 PROCESS_ID=0 launch/gpu.sh configs/compress.py ~/gcs/BUCKET/runs/compress
+  COORDINATOR_ADDRESS=10.0.0.2:1234 NUM_PROCESSES=2 PROCESS_ID=1 launch/gpu.sh configs/compress.py ~/gcs/BUCKET/runs/compress
 
 environment:
   DRY_RUN=1           print the commands instead of running them
@@ -47,6 +50,25 @@ fi
 config=$1 workdir=$2
 shift 2
 
+say() { echo "$*" >&2; }
+
+# ddpo_jax writes WORKDIR (checkpoints, metrics, images) with local file APIs: no URLs.
+if [[ $workdir == *://* ]]; then
+  if [[ $workdir == gs://* ]]; then
+    bucket=${workdir#gs://}
+    bucket=${bucket%%/*}
+    path=${workdir#gs://"$bucket"}
+    say "WORKDIR=$workdir: ddpo_jax writes its workdir with local file APIs, not to gs:// URLs. Mount the bucket"
+    say "with gcsfuse (https://cloud.google.com/storage/docs/cloud-storage-fuse/install) and give the path under it:"
+    say "  mkdir -p ~/gcs/$bucket && gcsfuse --implicit-dirs --rename-dir-limit=200000 $bucket ~/gcs/$bucket"
+    say "  launch/gpu.sh $config ~/gcs/$bucket$path${*+$(printf ' %q' "$@")}"
+    say "or use a shared filesystem (NFS, Filestore). Several machines: mount it at the same path on each."
+  else
+    say "WORKDIR=$workdir: ddpo_jax writes its workdir with local file APIs, not to URLs: mount the storage (or use a shared filesystem) and give the mounted path."
+  fi
+  exit 2
+fi
+
 DRY_RUN=${DRY_RUN:-0}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv-gpu}
@@ -65,8 +87,6 @@ quote() {
   done
   echo "${out[*]}"
 }
-
-say() { echo "$*" >&2; }
 
 # Runs a command, or under DRY_RUN=1 prints it on stdout.
 run() {

@@ -68,6 +68,11 @@ def _ssh_commands(commands):
   return [_flag(argv, "--command") for argv in ssh]
 
 
+def _shows(stderr, env, command):
+  """Whether stderr shows `ENV... PATH/launch/SCRIPT COMMAND...` (the script as called: here by its full path)."""
+  return re.search(re.escape(env) + r" \S*" + re.escape(command), stderr) is not None
+
+
 def _assert_bash_syntax(command):
   result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
   assert result.returncode == 0, (result.stderr, command)
@@ -110,7 +115,7 @@ def test_tpu_usage_and_bad_input():
 
 
 def test_tpu_single_host_dry_run():
-  workdir = "gs://my-bucket/runs/compress"
+  workdir = "runs/compress"
   result = _dry(TPU, "up", "ddpo", "us-central2-b", "v4-8", "configs/compress.py", workdir, "--config.num_epochs=3")
   commands = _gcloud_commands(result.stdout)
   kinds = [argv[4] for argv in commands]
@@ -135,11 +140,10 @@ def test_tpu_single_host_dry_run():
   assert "tar -xzf ddpo_jax-src.tar.gz -C ddpo_jax" in setup
   assert 'pip install -q -e ".[tpu]"' in setup
   assert "python3.11" in setup  # jax needs >= 3.11; the TPU images have 3.10
-  main = (
-    "python -m ddpo_jax.main --config=configs/compress.py --workdir=gs://my-bucket/runs/compress --config.num_epochs=3"
-  )
+  main = "python -m ddpo_jax.main --config=configs/compress.py --workdir=runs/compress --config.num_epochs=3"
   assert "setsid nohup .venv/bin/" + main + " >> logs/worker-$w.log" in run
   assert "agent-worker-number" in run and "logs/run.pid" in run
+  assert "gcsfuse" not in setup + run and "mountpoint" not in run  # no TPU_BUCKET: nothing to mount
 
   # How to follow the logs and how to resume come with it.
   assert "v4-8: one host" in result.stderr
@@ -147,7 +151,8 @@ def test_tpu_single_host_dry_run():
   assert f"launch/tpu_vm.sh up ddpo us-central2-b v4-8 configs/compress.py {workdir} --config.num_epochs=3" in (
     result.stderr
   )
-  assert "resume from gs://my-bucket/runs/compress/checkpoints" in result.stderr
+  assert "it is gone with the VM's disk" in result.stderr and "TPU_BUCKET=BUCKET" in result.stderr
+  assert "warning" not in result.stderr  # one host, not preemptible: a local workdir is fine
 
 
 @pytest.mark.parametrize(
@@ -163,8 +168,9 @@ def test_tpu_pod_slice_dry_run(accelerator, version, hosts):
     "us-central2-b",
     accelerator,
     "configs/incompress.py",
-    "gs://my-bucket/runs/pod",
+    "~/gcs/my-bucket/runs/pod",
     "--config.sample.batch_size=512",
+    TPU_BUCKET="my-bucket",
     TPU_CAPACITY="spot",
     TPU_PROJECT="my-project",
     DDPO_JAX_REPO=repo,
@@ -185,18 +191,168 @@ def test_tpu_pod_slice_dry_run(accelerator, version, hosts):
     _assert_bash_syntax(command)
   assert f"git clone -q {repo} ddpo_jax" in setup and "checkout -q v1.0" in setup
   assert 'pip install -q -e ".[tpu]"' in setup
-  assert "--config=configs/incompress.py --workdir=gs://my-bucket/runs/pod --config.sample.batch_size=512" in run
-  assert "nohup" in run
+  # The bucket is mounted on every worker by setup (installing gcsfuse) and checked again by run.
+  assert setup.index("gcsfuse --implicit-dirs") < setup.index("git clone") and "apt-get" in setup
+  assert 'gcsfuse --implicit-dirs --rename-dir-limit=200000 my-bucket "$m"' in run and "apt-get" not in run
+  assert run.index('mountpoint -q "$m"') < run.index("nohup")
+  workdir = '--workdir="$HOME"/gcs/my-bucket/runs/pod'  # ~ is the worker's home
+  assert f"--config=configs/incompress.py {workdir} --config.sample.batch_size=512" in run
   assert "warning" not in result.stderr
+  assert "is in gs://my-bucket: re-create the VM and resume from ~/gcs/my-bucket/runs/pod/checkpoints" in result.stderr
+  resume = (
+    f"launch/tpu_vm.sh up ddpo-pod us-central2-b {accelerator} "
+    "configs/incompress.py '~/gcs/my-bucket/runs/pod' --config.sample.batch_size=512"
+  )
+  assert _shows(result.stderr, "TPU_BUCKET=my-bucket TPU_CAPACITY=spot", resume)  # the same bucket, the same VM
 
 
 def test_tpu_warns_about_a_local_workdir():
   pod = _dry(TPU, "up", "p", "z", "v4-32", "configs/compress.py", "runs/compress")
   assert "warning: v4-32 has 4 hosts that must share WORKDIR" in pod.stderr
+  assert "set TPU_BUCKET=BUCKET and give WORKDIR ~/gcs/BUCKET/runs/NAME" in pod.stderr
   spot = _dry(TPU, "up", "p", "z", "v4-8", "configs/compress.py", "runs/compress", TPU_CAPACITY="spot")
-  assert "warning: a spot VM's disk goes with it" in spot.stderr
+  assert "warning: a spot VM's disk goes with it" in spot.stderr and "TPU_BUCKET=BUCKET" in spot.stderr
   assert "--spot" in _gcloud_commands(spot.stdout)[1]
   assert "warning" not in _dry(TPU, "up", "p", "z", "v4-8", "configs/compress.py", "runs/compress").stderr
+
+  # A bucket that is mounted, but a workdir outside it; a workdir in it; one in ~/gcs with nothing mounted.
+  outside = _dry(TPU, "up", "p", "z", "v4-32", "configs/compress.py", "runs/c", TPU_BUCKET="gs://my-bucket/")
+  assert "give a WORKDIR under ~/gcs/my-bucket, where TPU_BUCKET=my-bucket is mounted" in outside.stderr
+  inside = _dry(TPU, "up", "p", "z", "v4-32", "configs/compress.py", "~/gcs/my-bucket/c", TPU_BUCKET="my-bucket")
+  assert "warning" not in inside.stderr
+  unmounted = _dry(TPU, "up", "p", "z", "v4-8", "configs/compress.py", "~/gcs/my-bucket/c")
+  assert "TPU_BUCKET is not set: nothing mounts it" in unmounted.stderr and "TPU_BUCKET=my-bucket" in unmounted.stderr
+  assert "gcsfuse" not in unmounted.stdout
+
+
+def test_tpu_refuses_a_gs_workdir(tmp_path):
+  """A gs:// workdir stops the script (exit 2) before any gcloud command, with the TPU_BUCKET way to do it."""
+  gcloud = tmp_path / "gcloud"
+  gcloud.write_text(f"#!/bin/sh\ntouch {tmp_path}/called\n")
+  gcloud.chmod(0o755)
+  path = f"{tmp_path}:{os.environ['PATH']}"
+  up = _run(
+    TPU, "up", "ddpo", "z", "v4-32", "configs/compress.py", "gs://my-bucket/runs/c", "--config.seed=1", PATH=path
+  )
+  assert up.returncode == 2 and up.stdout == "" and not (tmp_path / "called").exists()
+  assert "not to gs:// URLs" in up.stderr
+  fix = "launch/tpu_vm.sh up ddpo z v4-32 configs/compress.py '~/gcs/my-bucket/runs/c' --config.seed=1"
+  assert _shows(up.stderr, "TPU_BUCKET=my-bucket", fix)
+
+  run = _run(TPU, "run", "t", "z", "configs/compress.py", "gs://my-bucket", PATH=path, TPU_BUCKET_MOUNT="/mnt/b")
+  assert run.returncode == 2 and run.stdout == "" and not (tmp_path / "called").exists()
+  assert _shows(run.stderr, "TPU_BUCKET=my-bucket", "launch/tpu_vm.sh run t z configs/compress.py '~/gcs/my-bucket'")
+  env = {"TPU_BUCKET": "my-bucket", "TPU_BUCKET_MOUNT": "/mnt/b"}  # this bucket, mounted elsewhere
+  mounted = _run(TPU, "run", "t", "z", "configs/compress.py", "gs://my-bucket/r", DRY_RUN="1", **env)
+  assert mounted.returncode == 2 and mounted.stdout == ""
+  assert _shows(
+    mounted.stderr, "TPU_BUCKET=my-bucket TPU_BUCKET_MOUNT=/mnt/b", "tpu_vm.sh run t z configs/compress.py /mnt/b/r"
+  )
+
+  other = _run(TPU, "run", "t", "z", "configs/compress.py", "s3://b/r", DRY_RUN="1")
+  assert other.returncode == 2 and other.stdout == "" and "local file APIs" in other.stderr
+  bad = _run(TPU, "setup", "t", "z", DRY_RUN="1", TPU_BUCKET="My_Bucket")
+  assert bad.returncode == 2 and bad.stdout == "" and "expected the name of a Cloud Storage bucket" in bad.stderr
+
+
+@pytest.mark.parametrize(
+  "mount, remote",
+  [
+    (None, '"$HOME"/gcs/my-bucket'),
+    ("/mnt/my bucket", "'/mnt/my bucket'"),
+    ("~/b", '"$HOME"/b'),
+    ("data/b", '"$HOME"/data/b'),
+  ],
+)
+def test_tpu_bucket_mount_dry_run(mount, remote):
+  """TPU_BUCKET: setup installs gcsfuse and mounts the bucket on every worker, unless it is mounted."""
+  env = {"TPU_BUCKET": "my-bucket"} | ({"TPU_BUCKET_MOUNT": mount} if mount else {})
+  commands = _gcloud_commands(_dry(TPU, "setup", "t", "z", **env).stdout)
+  assert [argv[4] for argv in commands] == ["scp", "ssh"]
+  (setup,) = _ssh_commands(commands)  # --worker=all
+  _assert_bash_syntax(setup)
+  assert setup.startswith("set -e; w=$(curl ") and f'm={remote}; if mountpoint -q "$m"; then' in setup
+  assert "command -v gcsfuse >/dev/null || {" in setup
+  assert "https://packages.cloud.google.com/apt gcsfuse-" in setup
+  assert "apt-get -qq -y -o DPkg::Lock::Timeout=600 install gcsfuse" in setup
+  assert 'mkdir -p "$m" && gcsfuse --implicit-dirs --rename-dir-limit=200000 my-bucket "$m"' in setup
+
+  # The local home, where the user's shell expanded ~, is the worker's home.
+  home = pathlib.Path.home()
+  run = _dry(TPU, "run", "t", "z", "configs/compress.py", str(home / "gcs/my-bucket/r"), **env)
+  (command,) = _ssh_commands(_gcloud_commands(run.stdout))
+  _assert_bash_syntax(command)
+  assert f"m={remote}; if mountpoint" in command and '--workdir="$HOME"/gcs/my-bucket/r' in command
+  assert ("is in gs://my-bucket" in run.stderr) == (mount is None)
+
+
+def _stub(path, text):
+  path.write_text(text)
+  path.chmod(0o755)
+
+
+def test_tpu_bucket_mount_on_a_worker(tmp_path):
+  """The mount commands of setup and run, run here with stub mountpoint, gcsfuse, sudo and apt: install once,
+  mount once, then leave the mount alone; run without gcsfuse stops."""
+  if shutil.which("gcsfuse"):
+    pytest.skip("gcsfuse is installed here")
+  home, stubs, calls = tmp_path / "home", tmp_path / "bin", tmp_path / "calls.jsonl"
+  (home / "ddpo_jax" / ".venv" / "bin").mkdir(parents=True)
+  stubs.mkdir()
+  record = f"import json, sys; open({str(calls)!r}, 'a').write(json.dumps(sys.argv) + '\\n')\n"
+  _stub(stubs / "curl", "#!/bin/sh\necho 3\n")
+  _stub(stubs / "mountpoint", f"#!/bin/sh\n[ -f {tmp_path}/mounted ]\n")
+  _stub(stubs / "fusermount", "#!/bin/sh\nexit 1\n")
+  gcsfuse = f"#!{sys.executable}\n{record}open({str(tmp_path / 'mounted')!r}, 'w')\n"
+  _stub(
+    stubs / "sudo",  # tee reads stdin; `apt-get install gcsfuse` installs the gcsfuse stub
+    f"#!{sys.executable}\nimport os, sys\n{record}"
+    "if 'tee' in sys.argv: sys.stdin.read()\n"
+    f"if 'install' in sys.argv and 'gcsfuse' in sys.argv: open({str(stubs / 'gcsfuse')!r}, 'w').write({gcsfuse!r}); "
+    f"os.chmod({str(stubs / 'gcsfuse')!r}, 0o755)\n",
+  )
+  _stub(home / "ddpo_jax" / ".venv" / "bin" / "python", f'#!/bin/sh\necho "$*" > {tmp_path}/python-args\n')
+  env = dict(os.environ, HOME=str(home), PATH=f"{stubs}:{os.environ['PATH']}")
+
+  def remote(*args):
+    (command,) = _ssh_commands(_gcloud_commands(_dry(TPU, *args, TPU_BUCKET="my-bucket").stdout))
+    if args[0] == "setup":  # only its mount part: no tarball, no pip here
+      command = command.split("; mkdir -p ddpo_jax && tar")[0]
+    return subprocess.run(["bash", "-c", command], cwd=home, env=env, capture_output=True, text=True, timeout=30)
+
+  def ran():
+    return [json.loads(line)[1:] for line in calls.read_text().splitlines()] if calls.exists() else []
+
+  run_args = ("run", "t", "z", "configs/compress.py", "~/gcs/my-bucket/runs/x")
+  no_gcsfuse = remote(*run_args)
+  assert no_gcsfuse.returncode == 1 and "gcsfuse is not installed here: run TPU_BUCKET=my-bucket" in no_gcsfuse.stderr
+  assert not (tmp_path / "python-args").exists()
+
+  setup = remote("setup", "t", "z")
+  assert setup.returncode == 0, setup.stderr
+  assert "worker 3: installing gcsfuse" in setup.stdout and "worker 3: mounted gs://my-bucket at" in setup.stdout
+  mount = str(home / "gcs" / "my-bucket")
+  assert (home / "gcs" / "my-bucket").is_dir()
+  assert ran()[-1] == ["--implicit-dirs", "--rename-dir-limit=200000", "my-bucket", mount]
+  assert any(argv[-2:] == ["install", "gcsfuse"] for argv in ran())
+
+  n = len(ran())
+  again = remote("setup", "t", "z")
+  assert again.returncode == 0 and f"worker 3: gs://my-bucket is mounted at {mount}" in again.stdout
+  started = remote(*run_args)
+  assert started.returncode == 0, started.stderr
+  assert len(ran()) == n  # mounted: neither installed nor mounted again
+  for _ in range(100):
+    if (tmp_path / "python-args").exists():
+      break
+    time.sleep(0.05)
+  assert f"--workdir={mount}/runs/x" in (tmp_path / "python-args").read_text()
+
+  (tmp_path / "mounted").unlink()  # e.g. the VM restarted: run mounts the bucket again
+  (home / "ddpo_jax" / "logs" / "run.pid").unlink()
+  remounted = remote(*run_args)
+  assert remounted.returncode == 0 and "worker 3: mounted gs://my-bucket" in remounted.stdout
+  assert ran()[-1] == ["--implicit-dirs", "--rename-dir-limit=200000", "my-bucket", mount]
 
 
 def test_tpu_subcommands_dry_run():
@@ -253,8 +409,9 @@ def test_tpu_runs_the_commands_it_prints(tmp_path):
     "sys.exit(1 if sys.argv[4] == 'describe' else 0)  # describe: no such VM yet\n"
   )
   gcloud.chmod(0o755)
-  args = ("up", "ddpo", "us-central2-b", "v4-32", "configs/compress.py", "gs://b/r", "--config.seed=2")
+  args = ("up", "ddpo", "us-central2-b", "v4-32", "configs/compress.py", "~/gcs/my-bucket/r", "--config.seed=2")
   env = {"PATH": f"{stubs}:{os.environ['PATH']}", "TMPDIR": str(tmp_path), "TPU_CAPACITY": "preemptible"}
+  env["TPU_BUCKET"] = "my-bucket"
   result = _run(TPU, *args, **env)
   assert result.returncode == 0, result.stderr
   ran = [json.loads(line) for line in calls.read_text().splitlines()]
@@ -367,7 +524,7 @@ def test_gpu_dry_run_one_machine():
 
 def test_gpu_dry_run_several_machines(tmp_path):
   env = {"COORDINATOR_ADDRESS": "10.0.0.2:1234", "NUM_PROCESSES": "2", "PROCESS_ID": "1"}
-  result = _dry(GPU, "configs/compress.py", "gs://b/runs/c", VENV=str(tmp_path / "v"), SKIP_INSTALL="1", **env)
+  result = _dry(GPU, "configs/compress.py", "/mnt/shared/runs/c", VENV=str(tmp_path / "v"), SKIP_INSTALL="1", **env)
   lines = [shlex.split(line) for line in result.stdout.splitlines()]
   assert not any("pip" in argv or "venv" in argv for argv in lines)  # SKIP_INSTALL
   assert lines[-1] == [
@@ -375,7 +532,7 @@ def test_gpu_dry_run_several_machines(tmp_path):
     "-m",
     "ddpo_jax.main",
     "--config=configs/compress.py",
-    "--workdir=gs://b/runs/c",
+    "--workdir=/mnt/shared/runs/c",
     "--coordinator_address=10.0.0.2:1234",
     "--num_processes=2",
     "--process_id=1",
@@ -384,6 +541,18 @@ def test_gpu_dry_run_several_machines(tmp_path):
   for bad in ({"NUM_PROCESSES": "2"}, dict(env, PROCESS_ID="2"), dict(env, COORDINATOR_ADDRESS="10.0.0.2")):
     assert _run(GPU, "configs/compress.py", "runs/c", DRY_RUN="1", **bad).returncode == 2
   assert _run(GPU, "configs/compress.py").returncode == 2
+
+
+def test_gpu_refuses_a_gs_workdir():
+  result = _run(GPU, "configs/compress.py", "gs://my-bucket/runs/c", "--config.seed=1", DRY_RUN="1")
+  assert result.returncode == 2 and result.stdout == ""  # before installing anything
+  assert "mkdir -p ~/gcs/my-bucket && gcsfuse --implicit-dirs --rename-dir-limit=200000 my-bucket ~/gcs/my-bucket" in (
+    result.stderr
+  )
+  assert "launch/gpu.sh configs/compress.py ~/gcs/my-bucket/runs/c --config.seed=1" in result.stderr
+  assert "shared filesystem" in result.stderr
+  other = _run(GPU, "configs/compress.py", "s3://b/c", DRY_RUN="1")
+  assert other.returncode == 2 and other.stdout == "" and "local file APIs" in other.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------

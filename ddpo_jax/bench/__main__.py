@@ -22,7 +22,8 @@ def run(argv: list[str]) -> None:
   if name not in SUBCOMMANDS:
     sys.stderr.write(f"unknown subcommand {name!r}\n\n" + usage())
     sys.exit(2)
-  module = importlib.import_module(f"ddpo_jax.bench.{SUBCOMMANDS[name][0]}")  # defines its flags
+  module = importlib.import_module(f"ddpo_jax.bench.{SUBCOMMANDS[name][0]}")
+  module.define_flags()
   # The subcommand sees its own flags as sys.argv[1:] (e.g. to pass them on to child processes).
   sys.argv = [f"{argv[0]} {name}"] + argv[2:]
   app.run(module.main)

@@ -97,26 +97,54 @@ CPU_XLA_FLAGS = ("--xla_disable_hlo_passes=cse_barrier_expander",)
 ROUGH_SAMPLER_FACTOR = 1.3
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A config file of configs/, optionally with :preset.", lock_config=True)
-flags.DEFINE_enum("target", "all", ["all", *TARGETS], "The machine whose mesh and HBM to check; all: each in turn.")
-flags.DEFINE_integer("num_devices", 0, "Devices of the mesh; 0: the target's (v4-8: 4, v5e-8: 8, gpu-80gb: 1).")
-flags.DEFINE_enum(
-  "grid",
-  "paper",
-  ["paper", "config"],
-  "paper: the config in float32 and bfloat16, remat off and on, fsdp 1 and all devices; config: the config's own.",
-)
-flags.DEFINE_bool("compile", True, "Compile the sampler and training step (else: analytical, rough activations).")
-flags.DEFINE_bool("search", True, "When a setting does not fit, find the largest per-device batches that do.")
-flags.DEFINE_float("headroom", 0.9, "Fraction of the HBM the peak may use (the rest: runtime, fragmentation).")
-flags.DEFINE_bool("json", False, "Print one JSON object per (target, setting) instead of the table.")
-flags.DEFINE_enum(
-  "platform",
-  "cpu",
-  ["cpu", "native"],
-  "cpu: compile on fake CPU devices; native: on this machine's own devices (e.g. on the target itself).",
-)
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines this subcommand's flags (called by `python -m ddpo_jax.bench memory`
+  only, so that importing this module defines no flag beside other programs')."""
+  config_flags.DEFINE_config_file(
+    "config", None, "A config file of configs/, optionally with :preset.", lock_config=True, flag_values=flag_values
+  )
+  flags.DEFINE_enum(
+    "target",
+    "all",
+    ["all", *TARGETS],
+    "The machine whose mesh and HBM to check; all: each in turn.",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+    "num_devices", 0, "Devices of the mesh; 0: the target's (v4-8: 4, v5e-8: 8, gpu-80gb: 1).", flag_values=flag_values
+  )
+  flags.DEFINE_enum(
+    "grid",
+    "paper",
+    ["paper", "config"],
+    "paper: the config in float32 and bfloat16, remat off and on, fsdp 1 and all devices; config: the config's own.",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+    "compile",
+    True,
+    "Compile the sampler and training step (else: analytical, rough activations).",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+    "search", True, "When a setting does not fit, find the largest per-device batches that do.", flag_values=flag_values
+  )
+  flags.DEFINE_float(
+    "headroom", 0.9, "Fraction of the HBM the peak may use (the rest: runtime, fragmentation).", flag_values=flag_values
+  )
+  flags.DEFINE_bool(
+    "json", False, "Print one JSON object per (target, setting) instead of the table.", flag_values=flag_values
+  )
+  flags.DEFINE_enum(
+    "platform",
+    "cpu",
+    ["cpu", "native"],
+    "cpu: compile on fake CPU devices; native: on this machine's own devices (e.g. on the target itself).",
+    flag_values=flag_values,
+  )
+  flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 
 # ----------------------------------------------------------------------------
@@ -258,12 +286,18 @@ def measuring_config(config, num_devices: int, sample_per_device: int, train_per
 
 @dataclasses.dataclass(frozen=True)
 class Memory:
-  """One compiled function's bytes per device (memory_analysis), or their estimate."""
+  """One compiled function's bytes per device (memory_analysis), or their estimate.
+
+  argument: all its arguments, from their shapes: params it does not read
+  (the VAE's encoder in the sampler) are pruned from the compiled program
+  (compiled_argument) but stay on the device all the same.
+  """
 
   argument: int
   output: int
   alias: int
   temp: int
+  compiled_argument: int = 0
   seconds: float = 0.0
 
   @property
@@ -378,10 +412,11 @@ def compiled_memory(jitted, args) -> Memory:
   seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()
   return Memory(
-    argument=int(stats.argument_size_in_bytes),
+    argument=bytes_per_device(args),
     output=int(stats.output_size_in_bytes),
     alias=int(stats.alias_size_in_bytes),
     temp=int(stats.temp_size_in_bytes),
+    compiled_argument=int(stats.argument_size_in_bytes),
     seconds=seconds,
   )
 
@@ -394,9 +429,14 @@ _REMAT_PRIMITIVES = ("checkpoint", "remat", "remat2")
 
 
 def _aval_bytes(aval) -> int:
+  """Bytes of an abstract value; 0 for non-numeric ones (PRNG keys, tokens)."""
   import numpy as np
 
-  return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
+  try:
+    itemsize = np.dtype(aval.dtype).itemsize
+  except TypeError:
+    return 0
+  return int(np.prod(aval.shape, dtype=np.int64)) * itemsize
 
 
 def residual_bytes(closed_jaxpr) -> int:
@@ -553,6 +593,8 @@ class Setting:
     return self._trainers[train_per_device]
 
   def static_sizes(self) -> dict[str, Any]:
+    """Bytes per device of the UNet params, the rest of the train state and the frozen params."""
+    from ddpo_jax import architectures
     from ddpo_jax import sharding
 
     trainer, params = self.trainer(self.config.train.batch_size // self.num_devices)
@@ -563,7 +605,7 @@ class Setting:
     return {
       "unet_params": unet,
       "opt_state": total - unet,
-      "frozen_params": sum(x.size * x.dtype.itemsize for x in _leaves(frozen)),
+      "frozen_params": architectures.num_bytes(frozen),
       "state_sharded_fraction": sharding.sharded_fraction(state, shardings),
     }
 
@@ -594,12 +636,10 @@ class Setting:
     return memory, sizes
 
   def _rough_sampler(self, trainer, args, outputs, per_device: int) -> Memory:
-    import functools as ft
-
     from ddpo_jax import sampling
     from ddpo_jax import train
 
-    fn = ft.partial(sampling.sample, trainer.model, settings=train.sampler_settings(self.config))
+    fn = functools.partial(sampling.sample, trainer.model, settings=train.sampler_settings(self.config))
     local = (_unsharded(args[0]), _unsharded(args[1], per_device), _unsharded(args[2]), _unsharded(args[3]))
     rough = int(ROUGH_SAMPLER_FACTOR * largest_intermediate_bytes(fn, *local))
     return Memory(argument=bytes_per_device(args), output=bytes_per_device(outputs), alias=0, temp=rough)
@@ -640,12 +680,6 @@ class Setting:
       memory = Memory(argument=argument, output=state_bytes, alias=state_bytes, temp=2 * unet_bytes + activations)
     self._steps[per_device] = (memory, activations)
     return memory, activations
-
-
-def _leaves(tree):
-  import jax
-
-  return jax.tree.leaves(tree)
 
 
 def measure(config, target: Target, devices, compile_: bool = True, search: bool = True, headroom: float = 0.9):
@@ -704,6 +738,7 @@ def _phase_record(memory: Memory, per_device: int, num_devices: int, peak: int) 
     "batch_per_device": per_device,
     "global_batch": per_device * num_devices,
     "argument": memory.argument,
+    "compiled_argument": memory.compiled_argument,
     "output": memory.output,
     "alias": memory.alias,
     "temp": memory.temp,
@@ -833,42 +868,62 @@ def _size(value: int | None) -> str:
   return f"{value / GiB:.1f} GiB" if value >= GiB / 10 else f"{value / 2**20:.1f} MiB"
 
 
-def format_table(records: list[dict]) -> str:
-  """A markdown table of the records (GiB per device) and its notes."""
-  header = (
-    "| target | mesh data×fsdp | dtype | remat | UNet params + opt / dev | frozen / dev | rollouts / dev "
-    "| sampling peak (samples/dev) | training peak (transitions/dev) | saved act. (jaxpr) | HBM | verdict "
-    "| fits at samples/dev, transitions/dev (accum.) | compile s: sampler, step |"
+ESTIMATE_NOTES = {
+  "XLA:CPU compiled": (
+    "working memory as XLA:CPU compiles it for the target's mesh on fake devices: not TPU's or GPU's buffer "
+    "assignment, and bfloat16 is overstated (XLA:CPU computes it in float32)"
+  ),
+  "analytical (rough activations)": (
+    "nothing compiled: training step = its arguments + 2 x the gradients + the jaxpr's saved activations; "
+    f"sampler = its arguments and outputs + {ROUGH_SAMPLER_FACTOR} x its largest intermediate (rough)"
+  ),
+}
+
+
+def _fitting(record: dict) -> str:
+  fit = record.get("largest_fitting")
+  if record["fits"]:
+    return "as configured"
+  if not fit:
+    return "not searched"
+  train = fit["train_batch_per_device"]
+  return f"{fit['sample_batch_per_device'] or 'none'}, {train or 'none'}" + (
+    f" ({fit['gradient_accumulation_steps']})" if train else ""
   )
-  lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
+
+
+def _seconds(phase: dict) -> str:
+  return f"{phase['compile_seconds']:.0f}" if phase["compile_seconds"] else "-"
+
+
+def format_table(records: list[dict]) -> str:
+  """A markdown table of the records (bytes per device) and its notes."""
+  header = (
+    "| target | mesh data×fsdp | dtype | remat | UNet params + opt | frozen params | rollouts "
+    "| sampling peak (samples) | training peak (transitions) | saved act. (jaxpr) | HBM | verdict "
+    "| fits at samples, transitions (accum.) | compile s: sampler, step |"
+  )
+  lines = [header, "|" + "---|" * (header.count(" | ") + 1)]
   for r in records:
     b, s, t = r["bytes_per_device"], r["sample"], r["train"]
-    fit = r.get("largest_fitting")
-    if r["fits"]:
-      fitting = "as configured"
-    elif not fit:
-      fitting = "not searched"
-    else:
-      fitting = f"{fit['sample_batch_per_device'] or 'none'}, {fit['train_batch_per_device'] or 'none'}" + (
-        f" ({fit['gradient_accumulation_steps']})" if fit["train_batch_per_device"] else ""
-      )
     lines.append(
       f"| {r['target']} | {r['mesh']['data']}×{r['mesh']['fsdp']} | {r['dtype']} | {'on' if r['remat'] else 'off'} "
       f"| {_size(b['unet_params'])} + {_size(b['opt_state'])} | {_size(b['frozen_params'])} "
       f"| {_size(b['epoch_buffers'])} "
       f"| {_size(s['peak'])} ({s['batch_per_device']}) | {_size(t['peak'])} ({t['batch_per_device']}) "
-      f"| {_size(t['saved_activations'])} | {_size(r['hbm_bytes'])} | {r['verdict']} | {fitting} "
-      f"| {s['compile_seconds']}, {t['compile_seconds']} |"
+      f"| {_size(t['saved_activations'])} | {_size(r['hbm_bytes'])} | {r['verdict']} | {_fitting(r)} "
+      f"| {_seconds(s)}, {_seconds(t)} |"
     )
-  estimates = sorted({r["estimate"] for r in records})
-  notes = [
-    f"Bytes per device. Working memory: {', '.join(estimates)} for each target's mesh "
-    "(XLA:CPU's buffer assignment, not TPU's or GPU's; bfloat16 overstated by XLA:CPU's float32 arithmetic).",
-    "Peak = max(sampling: sampler call + optimizer state + earlier calls' outputs; training: step + frozen params "
-    "+ the epoch's rollouts); verdict against the HBM × headroom "
-    f"({records[0]['headroom'] if records else ''}); 'saved act. (jaxpr)': one minibatch's backward activations "
-    "counted on the jaxpr, dtype-exact.",
+  models_ = sorted({r["model"] for r in records})
+  notes = [f"Per device; model {', '.join(models_)}; batches per device (transitions: UNet rows x2 with CFG)."]
+  notes += [
+    f"{e}: {ESTIMATE_NOTES.get(e, 'as compiled for this backend')}." for e in sorted({r["estimate"] for r in records})
   ]
+  notes.append(
+    "Peak = max(sampling: sampler call + optimizer state + earlier calls' outputs; training: step + frozen params "
+    f"+ the epoch's rollouts); 'fits' below {records[0]['headroom'] if records else ''} x HBM, 'tight' below the "
+    "HBM. 'saved act. (jaxpr)': one minibatch's backward activations counted on its jaxpr (dtype-exact, any backend)."
+  )
   return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
