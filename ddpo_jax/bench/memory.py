@@ -932,6 +932,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   targets = list(TARGETS.values()) if FLAGS.target == "all" else [TARGETS[FLAGS.target]]
+  if len(targets) > 1 and FLAGS.platform == "native":
+    raise app.UsageError("--platform=native measures this machine's devices: name its --target.")
   if len(targets) > 1:
     records = [r for t in targets for r in run_child(t, sys.argv[1:], FLAGS.num_devices or t.num_devices)]
   else:
