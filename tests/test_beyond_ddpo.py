@@ -15,6 +15,7 @@ from ddpo_jax import checkpoints
 from ddpo_jax import config_utils
 from ddpo_jax import ddim
 from ddpo_jax import lora
+from ddpo_jax import metrics
 from ddpo_jax import models
 from ddpo_jax import prompts
 from ddpo_jax import rewards
@@ -437,3 +438,37 @@ def test_merged_export_loads_as_the_adapted_model(options, tmp_path):
   np.testing.assert_allclose(np.asarray(exported), want, rtol=1e-5, atol=1e-5)
   # ... well below what the adapters change.
   assert np.abs(want - np.asarray(adapted(jax.tree.map(jnp.zeros_like, state.params), base))).max() > 1e-4
+
+
+# ---------------------------------------------------------------------------
+# The whole program with every option on.
+# ---------------------------------------------------------------------------
+
+
+def test_a_run_with_every_option(tiny_model_dir, tmp_path):
+  config = options_config(tiny_model_dir)
+  set_values(
+    config,
+    {
+      "num_epochs": 2,
+      "prompt.name": "toy_scenes",
+      "train.kl_coef": 0.1,
+      "train.ema_decay": 0.9,
+      "mesh.data": -1,
+      "mesh.fsdp": 1,
+      "checkpoint.every_epochs": 1,
+      "logging.images_every_epochs": 0,
+      "logging.sample_with_ema": True,
+    },
+  )
+  config.prompt.kwargs = {}  # the tiny preset's are the constant prompt's
+  summary, state = train.train(config, str(tmp_path))
+  records = metrics.read_metrics(str(tmp_path))
+  assert [r["epoch"] for r in records] == [0, 1]
+  assert all(0 <= r["group_tied_fraction"] <= 1 and np.isfinite(r["kl_to_reference"]) for r in records)
+  assert records[0]["kl_to_reference"] < 1e-9  # the first minibatch's policy is the reference
+  assert np.isfinite(summary["ema_reward_mean"])
+  assert (tmp_path / "images" / "samples_ema_00001.png").exists()
+  assert all(p.endswith(("lora_a", "lora_b")) for p in flat(state.params))
+  assert jax.tree.structure(state.ema_params) == jax.tree.structure(state.params)
+  assert checkpoints.Checkpointer(checkpoints.checkpoint_dir(str(tmp_path))).steps()[-1] == 2
