@@ -70,6 +70,13 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.sample.batch_size = 256
   # Sampling calls per epoch: samples per epoch = batch_size * num_batches_per_epoch.
   config.sample.num_batches_per_epoch = 1
+  # Samples per prompt k: each batch draws batch_size / k prompts and samples
+  # each k times, in consecutive rows (needed by train.advantages = "group";
+  # 1: every sample draws its own prompt, as the paper).
+  config.sample.group_size = 1
+  # Whether the k samples of a group start from the same initial noise x_T
+  # (the steps' noise always differs).
+  config.sample.group_same_noise = False
 
   config.train = ml_collections.ConfigDict()
   # "ddpo_is" (clipped importance sampling) or "ddpo_sf" (score function).
@@ -97,6 +104,32 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.train.clip_range = 1e-4
   # Advantages are clipped to ±adv_clip_max.
   config.train.adv_clip_max = 10.0
+  # How rewards become advantages: "stat_tracking" (per-prompt statistics or
+  # batch normalisation, as config.stat_tracking says: the paper's) or "group"
+  # ((r - mean of its group of sample.group_size samples) / group_std; groups
+  # whose rewards all tie get 0).
+  config.train.advantages = "stat_tracking"
+  # The std of "group" advantages: "group" (each group's own, as GRPO) or
+  # "batch" (the std of all the epoch's rewards).
+  config.train.group_std = "group"
+  # Coefficient of the KL to the frozen pretrained model, added to the loss:
+  # per transition ||μ_θ - μ_ref||² / (2σ²), averaged over latent elements
+  # like the log-probabilities (0: off, no reference forward pass).
+  config.train.kl_coef = 0.0
+  # Decay of an exponential moving average of the trained params, updated
+  # after every optimiser step and checkpointed with them (0: off).
+  config.train.ema_decay = 0.0
+
+  config.lora = ml_collections.ConfigDict()
+  # Rank of LoRA adapters on the UNet's kernels (0: off, full fine-tuning).
+  # Only the adapters and their optimiser state are trained and checkpointed.
+  config.lora.rank = 0
+  # Adapters add (alpha / rank) A @ B to each kernel (alpha = rank: scale 1).
+  config.lora.alpha = 4.0
+  # Regexes over UNet param paths such as
+  # "down_blocks_0/attentions_0/transformer_blocks_0/attn1/to_q/kernel": the
+  # 2-D kernels adapted (default: every attention's q, k, v and out projections).
+  config.lora.targets = (r"attn\d+/to_(q|k|v|out_0)/kernel$",)
 
   config.stat_tracking = ml_collections.ConfigDict()
   # Normalise each prompt's rewards by its own recent rewards (else by the batch).
@@ -120,6 +153,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.logging.images_every_epochs = 5
   # Samples per grid.
   config.logging.num_images = 32
+  # After the last epoch, also sample a grid with the EMA params
+  # (images/samples_ema_EPOCH.png; needs config.train.ema_decay > 0).
+  config.logging.sample_with_ema = False
 
   if preset:
     apply_preset(config, preset)

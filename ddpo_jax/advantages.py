@@ -5,8 +5,10 @@ an advantage. With one prompt per batch (or prompts of similar difficulty)
 the batch mean and std suffice; with many prompts of different difficulty a
 per-prompt baseline is fairer: `PerPromptStatTracker` keeps the last
 `buffer_size` rewards of each prompt and normalises with those once it holds
-`min_count` of them. Advantages are finally clipped to ±clip, matching the
-clip of the PPO ratio.
+`min_count` of them. With several samples per prompt in a batch
+(`config.sample.group_size`), `group_advantages` compares each sample with the
+other samples of its group only (GRPO's group-relative baseline). Advantages
+are finally clipped to ±clip, matching the clip of the PPO ratio.
 """
 
 from __future__ import annotations
@@ -103,3 +105,45 @@ def compute_advantages(
   else:
     advantages = normalize(rewards)
   return np.clip(advantages, -clip, clip).astype(np.float32)
+
+
+# How group advantages are scaled: by each group's own std, or by the batch's.
+GROUP_STDS = ("group", "batch")
+
+
+def group_advantages(rewards: np.ndarray, group_size: int, std: str = "group", eps: float = EPS):
+  """Group-relative advantages: (r - group mean) / (group std or batch std).
+
+  Rows come in consecutive groups of `group_size` samples of the same prompt
+  (and, optionally, the same initial noise). NaN rewards (dropped samples)
+  take no part in any statistic and get advantage 0. A group whose valid
+  rewards all tie (or that has fewer than two) carries no signal: its
+  advantages are 0.
+
+  Args:
+    rewards: [N] float, N a multiple of group_size; NaN where invalid.
+    std: "group" (each group's own std, as GRPO) or "batch" (the std of all
+      valid rewards, which keeps the scale of small within-group differences).
+
+  Returns:
+    (advantages float32 [N], tied bool [N / group_size]).
+  """
+  rewards = np.asarray(rewards, np.float64)
+  if group_size < 1 or rewards.ndim != 1 or rewards.size % group_size:
+    raise ValueError(f"got {rewards.shape} rewards, not a whole number of groups of {group_size}")
+  if std not in GROUP_STDS:
+    raise ValueError(f"group std {std!r}: choose one of {GROUP_STDS}")
+  groups = rewards.reshape(-1, group_size)
+  valid = np.isfinite(groups)
+  count = valid.sum(axis=1)
+  filled = np.where(valid, groups, 0.0)
+  mean = filled.sum(axis=1) / np.maximum(count, 1)
+  spread = np.where(valid, groups, -np.inf).max(axis=1) - np.where(valid, groups, np.inf).min(axis=1)
+  tied = (count < 2) | ~(spread > 0)
+  if std == "group":
+    scale = np.sqrt((np.where(valid, groups - mean[:, None], 0.0) ** 2).sum(axis=1) / np.maximum(count, 1))[:, None]
+  else:
+    scale = np.std(rewards[np.isfinite(rewards)]) if np.isfinite(rewards).any() else 0.0
+  advantages = (groups - mean[:, None]) / (scale + eps)
+  advantages = np.where(valid & ~tied[:, None], advantages, 0.0)
+  return advantages.reshape(-1).astype(np.float32), tied

@@ -81,6 +81,22 @@ def subject_activity(subjects: Sequence[str], activities: Sequence[str]) -> Prom
   return uniform([f"{article(s)} {s} {a}" for s in subjects for a in activities])
 
 
+def grouped(prompt_fn: PromptFn, group_size: int) -> PromptFn:
+  """`prompt_fn` drawing batch_size / group_size prompts, each repeated group_size times in a row.
+
+  group_size 1 is `prompt_fn` itself (the same draws).
+  """
+  if group_size == 1:
+    return prompt_fn
+
+  def fn(rng: np.random.Generator, batch_size: int) -> list[str]:
+    if batch_size % group_size:
+      raise ValueError(f"a batch of {batch_size} prompts is not a whole number of groups of {group_size}")
+    return [p for p in prompt_fn(rng, batch_size // group_size) for _ in range(group_size)]
+
+  return fn
+
+
 @register("imagenet_animals")
 def imagenet_animals() -> PromptFn:
   """The 398 ImageNet animal classes, each line as written (synonyms included)."""

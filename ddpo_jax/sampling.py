@@ -44,6 +44,8 @@ class SamplerSettings:
   num_steps: int = flax.struct.field(pytree_node=False)
   eta: float = flax.struct.field(pytree_node=False)
   guidance_scale: float = flax.struct.field(pytree_node=False)
+  # Consecutive rows of a batch in groups of this size share the initial noise x_T.
+  noise_group_size: int = flax.struct.field(pytree_node=False, default=1)
 
 
 def guided_noise(
@@ -105,7 +107,9 @@ def rollout(
 
   Args:
     context: [B, L, D] prompt embeddings; negative_context: [L, D].
-    key: PRNG key of the initial noise and of every step's noise.
+    key: PRNG key of the initial noise and of every step's noise. Rows in
+      consecutive groups of `settings.noise_group_size` start from the same
+      x_T (the steps' noise differs from row to row).
 
   Returns:
     The trajectory (see `Trajectory`).
@@ -115,8 +119,13 @@ def rollout(
     ddim.inference_timesteps(model.schedule.num_train_timesteps, settings.num_steps, model.schedule.steps_offset)
   )
   init_key, steps_key = jax.random.split(key)
-  shape = (batch, model.latent_channels, model.latent_size, model.latent_size)
+  group = settings.noise_group_size
+  if batch % group:
+    raise ValueError(f"a batch of {batch} is not a whole number of noise groups of {group}")
+  shape = (batch // group, model.latent_channels, model.latent_size, model.latent_size)
   initial = jax.random.normal(init_key, shape, jnp.float32)
+  if group > 1:
+    initial = jnp.repeat(initial, group, axis=0)
   step_keys = jax.random.split(steps_key, settings.num_steps)
   kwargs = ddim_kwargs(model, settings)
 

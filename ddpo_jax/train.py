@@ -22,6 +22,7 @@ import tqdm
 
 from ddpo_jax import advantages as advantages_lib
 from ddpo_jax import checkpoints
+from ddpo_jax import lora
 from ddpo_jax import metrics as metrics_lib
 from ddpo_jax import models
 from ddpo_jax import prompts as prompts_lib
@@ -46,9 +47,16 @@ def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTra
   )
 
 
+# fold_in of the root key that draws the LoRA adapters' initialisation (epochs use 0, 1, ...).
+LORA_INIT_FOLD = 2**31 - 1
+
+
 def sampler_settings(config: ml_collections.ConfigDict) -> sampling.SamplerSettings:
   return sampling.SamplerSettings(
-    num_steps=config.sample.num_steps, eta=config.sample.eta, guidance_scale=config.sample.guidance_scale
+    num_steps=config.sample.num_steps,
+    eta=config.sample.eta,
+    guidance_scale=config.sample.guidance_scale,
+    noise_group_size=config.sample.group_size if config.sample.group_same_noise else 1,
   )
 
 
@@ -62,6 +70,9 @@ def update_settings(config: ml_collections.ConfigDict) -> update.UpdateSettings:
     sampler=sampler_settings(config),
     unroll_accumulation=jax.default_backend() == "cpu",
     remat=config.train.remat,
+    lora_scale=config.lora.alpha / config.lora.rank if config.lora.rank else None,
+    kl_coef=float(config.train.kl_coef),
+    ema_decay=float(config.train.ema_decay),
   )
 
 
@@ -70,6 +81,12 @@ class Trainer:
 
   Built once per run (and shared by tests through fixtures); holds no state
   that changes during training.
+
+  The trained params (`TrainState.params`) are the UNet's, or with
+  config.lora.rank > 0 LoRA adapters of it. The frozen base UNet ("base":
+  the pretrained params, LoRA's base and the KL's reference) is a separate
+  input of the sampler and the step, placed once by `place_base` (None when
+  neither LoRA nor KL needs it).
 
   Args:
     params: the model's params {"unet", "vae", "text_encoder"}, arrays or
@@ -81,27 +98,44 @@ class Trainer:
     self.model = model
     self.mesh = mesh
     self.optimizer = make_optimizer(config.train)
+    self.settings = settings = update_settings(config)
+    self.sampler_settings = sampler_settings(config)
     replicated = sharding.replicated(mesh)
     batch = sharding.batch(mesh)
     self.replicated, self.batch_sharding = replicated, batch
+    rules = [tuple(rule) for rule in config.mesh.partition_rules]
+    self.lora_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), LORA_INIT_FOLD)
 
     # --- The train state's partitioning, from shapes alone.
-    unet_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params["unet"])
-    state_shapes = jax.eval_shape(self._init_state, unet_shapes)
-    self.state_sharding = sharding.tree_shardings(
-      state_shapes, mesh, [tuple(rule) for rule in config.mesh.partition_rules], config.mesh.fsdp_min_size
-    )
+    self.unet_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params["unet"])
+    try:
+      state_shapes = jax.eval_shape(self._init_state, self.unet_shapes, self.lora_key)
+    except ValueError as e:  # LoRA targets that match nothing: name the setting
+      raise validation.ConfigError(str(e)) from e
+    self.state_sharding = sharding.tree_shardings(state_shapes, mesh, rules, config.mesh.fsdp_min_size)
+    if state_shapes.ema_params is not None:  # the EMA lives where the params do, whatever the rules say
+      self.state_sharding = self.state_sharding.replace(ema_params=self.state_sharding.params)
+    # Where the trained params live (the UNet's, or its adapters).
     self.unet_sharding = self.state_sharding.params
     # The state as orbax restores it: shapes, dtypes and shardings.
     self.abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_shapes, self.state_sharding
     )
+    # The frozen base UNet, partitioned by the same rules as the state's params ("params/..." paths).
+    self.base_sharding = None
+    self.abstract_base = None
+    if settings.needs_base:
+      self.base_sharding = sharding.tree_shardings(
+        {"params": self.unet_shapes}, mesh, rules, config.mesh.fsdp_min_size
+      )["params"]
+      self.abstract_base = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.unet_shapes, self.base_sharding
+      )
     self.params_sharding = {"unet": self.unet_sharding, "vae": replicated, "text_encoder": replicated}
 
-    self.sample_fn = sampling.make_sampler(
-      model,
-      sampler_settings(config),
-      in_shardings=(self.params_sharding, batch, replicated, replicated),
+    self.sample_fn = jax.jit(
+      self._sample,
+      in_shardings=(self.params_sharding, self.base_sharding, batch, replicated, replicated),
       out_shardings=(
         sampling.Trajectory(latents=batch, log_probs=batch, timesteps=replicated),
         batch,
@@ -111,7 +145,6 @@ class Trainer:
     rollouts_sharding = update.Rollouts(
       latents=batch, log_probs=batch, timesteps=replicated, context=batch, advantages=batch
     )
-    settings = update_settings(config)
     self.num_updates = validation.num_updates_per_inner_epoch(config)
     transitions_sharding = sharding.batch_axis(mesh, 2)  # [num_updates, accumulation, M, ...]
     self.transitions_fn = jax.jit(
@@ -128,35 +161,86 @@ class Trainer:
         minibatch_sharding=batch,
         params_sharding=self.unet_sharding,
       ),
-      in_shardings=(self.state_sharding, transitions_sharding, replicated, replicated),
+      in_shardings=(self.state_sharding, transitions_sharding, replicated, replicated, self.base_sharding),
       out_shardings=(self.state_sharding, replicated),
       donate_argnums=(0,),
     )
     self.encode_fn = jax.jit(
       functools.partial(models.encode_prompts, model), in_shardings=(replicated, replicated), out_shardings=replicated
     )
-    self.init_fn = jax.jit(self._init_state, in_shardings=(self.unet_sharding,), out_shardings=self.state_sharding)
+    if settings.lora_scale is None:
+      self.init_fn = jax.jit(
+        self._init_state, in_shardings=(self.unet_sharding, replicated), out_shardings=self.state_sharding
+      )
+    else:  # adapters need the UNet's shapes only
+      self.init_fn = jax.jit(
+        lambda key: self._init_state(self.unet_shapes, key),
+        in_shardings=(replicated,),
+        out_shardings=self.state_sharding,
+      )
+    self.unet_fn = jax.jit(
+      functools.partial(update.unet_params, settings=settings),
+      in_shardings=(self.unet_sharding, self.base_sharding),
+      out_shardings=self.unet_sharding if settings.lora_scale is None else self.base_sharding,
+    )
     # The empty prompt's token ids [L], tokenized once (CFG's negative prompt).
     self.negative_tokens = models.tokenize(model, [""])[0]
 
-  def _init_state(self, unet_params) -> update.TrainState:
+  def _init_state(self, unet_params, key) -> update.TrainState:
+    """The state at step 0; with LoRA `unet_params` is only read for its shapes."""
+    if self.settings.lora_scale is None:
+      trained = unet_params
+    else:
+      trained = lora.init(key, unet_params, self.config.lora.targets, self.config.lora.rank)
+    # A copy (not the same buffer): the state is donated leaf by leaf.
+    ema = jax.tree.map(jnp.copy, trained) if self.settings.ema_decay > 0 else None
     return update.TrainState(
-      step=jnp.zeros((), jnp.int32), params=unet_params, opt_state=self.optimizer.init(unet_params)
+      step=jnp.zeros((), jnp.int32), params=trained, opt_state=self.optimizer.init(trained), ema_params=ema
     )
 
   def init_state(self, params) -> update.TrainState:
     """A fresh train state from params {"unet", ...}, wherever they live."""
-    return self.init_fn(jax.device_put(params["unet"], self.unet_sharding))
+    if self.settings.lora_scale is not None:
+      return self.init_fn(self.lora_key)
+    return self.init_fn(jax.device_put(params["unet"], self.unet_sharding), self.lora_key)
 
   def place_frozen(self, params) -> dict[str, Any]:
     """The frozen modules' params {"vae", "text_encoder"}, replicated on the mesh."""
     return jax.device_put({"vae": params["vae"], "text_encoder": params["text_encoder"]}, self.replicated)
 
+  def place_base(self, params) -> Any:
+    """The frozen base UNet of params {"unet", ...} on the mesh, or None when unused.
+
+    Always a buffer of its own (never the caller's arrays), since the state's
+    buffers are donated to the step.
+    """
+    if self.base_sharding is None:
+      return None
+    return jax.device_put(params["unet"], self.base_sharding, may_alias=False)
+
+  def unet_params(self, trained, base=None) -> Any:
+    """The UNet params of trained params (merged with `base` under LoRA), on the mesh.
+
+    Export them with `models.save(model, dict(params, unet=jax.device_get(...)), path)`.
+    """
+    return self.unet_fn(trained, base)
+
+  def _sample(self, params, base, token_ids, negative_token_ids, key):
+    unet = update.unet_params(params["unet"], base, self.settings)
+    return sampling.sample(
+      self.model, dict(params, unet=unet), token_ids, negative_token_ids, key, self.sampler_settings
+    )
+
   def negative_context(self, params) -> jax.Array:
     return self.encode_fn(params["text_encoder"], self.negative_tokens[None])[0]
 
   def train_inner_epoch(
-    self, state: update.TrainState, rollouts: update.Rollouts, negative_context: jax.Array, key: jax.Array
+    self,
+    state: update.TrainState,
+    rollouts: update.Rollouts,
+    negative_context: jax.Array,
+    key: jax.Array,
+    base: Any = None,
   ) -> tuple[update.TrainState, dict[str, jax.Array]]:
     """One pass over an epoch's transitions: `num_updates` optimiser steps.
 
@@ -166,14 +250,17 @@ class Trainer:
     transitions = self.transitions_fn(rollouts, key)
     step_metrics = []
     for index in range(self.num_updates):
-      state, metrics = self.step_fn(state, transitions, np.int32(index), negative_context)
+      state, metrics = self.step_fn(state, transitions, np.int32(index), negative_context, base)
       step_metrics.append(metrics)
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics)
 
-  def sample(self, params, prompts: list[str], key: jax.Array):
-    """Dispatches one sampling call (asynchronous); prompts are this host's."""
+  def sample(self, params, prompts: list[str], key: jax.Array, base: Any = None):
+    """Dispatches one sampling call (asynchronous); prompts are this host's.
+
+    params: {"unet": the trained params, "vae", "text_encoder"}; base: `place_base`'s.
+    """
     token_ids = sharding.host_to_global(models.tokenize(self.model, prompts), self.batch_sharding)
-    return self.sample_fn(params, token_ids, self.negative_tokens, key)
+    return self.sample_fn(params, base, token_ids, self.negative_tokens, key)
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -253,6 +340,25 @@ def _log_epoch(
   return summary
 
 
+def _ema_grid(trainer, config, writer, frozen, ema_params, base, prompt_fn, reward_fn, epoch: int) -> dict[str, float]:
+  """Samples a batch with the EMA params, with the prompts and key of epoch
+  `epoch`'s first batch; writes images/samples_ema_EPOCH.png and returns
+  {"ema_reward_mean": the mean valid reward over every process's samples}."""
+  local_batch = config.sample.batch_size // jax.process_count()
+  prompts = prompt_fn(np.random.default_rng([config.seed, epoch, jax.process_index()]), local_batch)
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(config.seed), epoch), 0)
+  _, _, images = trainer.sample(dict(frozen, unet=ema_params), prompts, key, base)
+  images = sharding.local_rows(images)
+  scored = rewards_lib.score_batch(config.reward.name, reward_fn, images, prompts, "drop")
+  rewards = gather_rows(np.where(scored.valid, scored.rewards, np.nan), 1)
+  n = min(config.logging.num_images, len(prompts))
+  writer.write_images(epoch, "samples_ema", images[:n], [f"{r:.3g} {p}" for r, p in zip(scored.rewards[:n], prompts)])
+  mean = float(np.nanmean(rewards)) if np.isfinite(rewards).any() else float("nan")
+  if jax.process_index() == 0:
+    logging.info("EMA params after epoch %d: reward %.4f (current params: see the epoch's line)", epoch, mean)
+  return {"ema_reward_mean": mean}
+
+
 def gather_rows(local: np.ndarray, num_batches: int) -> np.ndarray:
   """Every process's per-sample values [N], in the rows' global order.
 
@@ -286,6 +392,21 @@ def epoch_advantages(
   return advantages
 
 
+def group_epoch_advantages(
+  scored: rewards_lib.ScoredBatch, group_size: int, group_std: str, clip: float, epoch: int
+) -> tuple[np.ndarray, dict[str, float]]:
+  """float32 [N] group-relative advantages of every process's samples (in
+  global order, groups of `group_size` consecutive rows), clipped to ±clip,
+  and {"group_tied_fraction": the fraction of groups whose rewards all tie}."""
+  if not scored.valid.any():
+    raise rewards_lib.RewardError(
+      f"epoch {epoch}: every sample's reward is invalid ({scored.problem}); nothing to train on."
+    )
+  rewards = np.where(scored.valid, scored.rewards, np.nan)
+  advantages, tied = advantages_lib.group_advantages(rewards, group_size, group_std)
+  return np.clip(advantages, -clip, clip).astype(np.float32), {"group_tied_fraction": float(tied.mean())}
+
+
 def reward_metrics(scored: rewards_lib.ScoredBatch) -> dict[str, float]:
   """Statistics of the valid rewards, each part's mean, and the dropped count."""
   valid = scored.rewards[scored.valid]
@@ -316,10 +437,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, Any], update.TrainState]:
   """`train_and_evaluate` that also returns the final train state."""
-  validation.validate(config, workdir, jax.device_count())
+  validation.validate(config, workdir, jax.device_count(), jax.process_count())
   is_main = jax.process_index() == 0
   reward_fn = rewards_lib.make(config.reward.name, **config.reward.kwargs.to_dict())
-  prompt_fn = prompts_lib.get(config.prompt.name, **config.prompt.kwargs.to_dict())
+  prompt_fn = prompts_lib.grouped(
+    prompts_lib.get(config.prompt.name, **config.prompt.kwargs.to_dict()), config.sample.group_size
+  )
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   model, params = models.load(
     config.model.name, revision=config.model.revision or None, dtype=config.model.dtype, from_pt=config.model.from_pt
@@ -328,14 +451,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     _save_config(config, workdir)
   trainer = Trainer(config, model, mesh, params)
   logging.info(
-    "train state: %.1f MB per device, %.0f%% of its bytes sharded over fsdp (mesh %s)",
+    "train state: %.1f MB per device, %.0f%% of its bytes sharded over fsdp (mesh %s); %d trained params",
     sharding.bytes_per_device(trainer.abstract_state, trainer.state_sharding) / 1e6,
     100 * sharding.sharded_fraction(trainer.abstract_state, trainer.state_sharding),
     dict(mesh.shape),
+    lora.num_params(trainer.abstract_state.params),
   )
   tracker = (
     advantages_lib.PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
-    if config.stat_tracking.per_prompt
+    if config.stat_tracking.per_prompt and config.train.advantages == "stat_tracking"
     else None
   )
 
@@ -358,6 +482,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
       tracker.load_state(meta["tracker"])
     logging.info("resuming from checkpoint %d (epoch %d done) in %s", step, meta["epoch"], workdir)
   frozen = trainer.place_frozen(params)
+  base = trainer.place_base(params)
   negative_context = trainer.negative_context(frozen)
   del params
 
@@ -384,7 +509,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     batches = []
     for b in range(num_batches):
       batch_prompts = prompt_fn(prompt_rng, local_batch)
-      trajectory, context, images = trainer.sample(current, batch_prompts, jax.random.fold_in(epoch_key, b))
+      trajectory, context, images = trainer.sample(current, batch_prompts, jax.random.fold_in(epoch_key, b), base)
       batches.append((batch_prompts, trajectory, context, images))
     if pending is not None:  # the device is busy sampling: log the last epoch now
       summary = _log_epoch(writer, config, **pending)
@@ -418,7 +543,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
       parts={k: gather_rows(v, num_batches) for k, v in local_scored.parts.items()},
       problem=local_scored.problem,
     )
-    advantages = epoch_advantages(all_prompts, scored, tracker, config.train.adv_clip_max, epoch)
+    if config.train.advantages == "group":
+      advantages, advantage_metrics = group_epoch_advantages(
+        scored, config.sample.group_size, config.train.group_std, config.train.adv_clip_max, epoch
+      )
+    else:
+      advantages = epoch_advantages(all_prompts, scored, tracker, config.train.adv_clip_max, epoch)
+      advantage_metrics = {}
     rollouts = update.Rollouts(
       latents=jnp.concatenate([b[1].latents for b in batches]),
       log_probs=jnp.concatenate([b[1].log_probs for b in batches]),
@@ -434,7 +565,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
       config.train.num_inner_epochs, desc=f"epoch {epoch} training", leave=False, disable=not is_main
     ):
       state, inner_metrics = trainer.train_inner_epoch(
-        state, rollouts, negative_context, jax.random.fold_in(epoch_key, 10_000 + inner)
+        state, rollouts, negative_context, jax.random.fold_in(epoch_key, 10_000 + inner), base
       )
       train_metrics.append(inner_metrics)
     pending = dict(
@@ -448,6 +579,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
       images=local_images,
       host_metrics=dict(
         reward_metrics(scored),
+        **advantage_metrics,
         samples=(epoch + 1) * samples_per_epoch,
         sampling_seconds=sampling_seconds,
         **({f"stat_tracker_{k}": v for k, v in tracker.stats().items()} if tracker else {}),
@@ -468,6 +600,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
 
   if pending is not None:
     summary = _log_epoch(writer, config, **pending)
+  if config.logging.sample_with_ema and not preempted and summary:
+    summary.update(
+      _ema_grid(trainer, config, writer, frozen, state.ema_params, base, prompt_fn, reward_fn, summary["epoch"])
+    )
   checkpointer.close()
   executor.shutdown()
   writer.close()

@@ -8,6 +8,17 @@ timestep (`make_transitions`, one device call). Then each optimiser step is one
 device call (`optimizer_step`) that accumulates the gradients of
 `gradient_accumulation_steps` minibatches. No Python loop over timesteps, no
 host round trip between steps (metrics stay on the device).
+
+Options beyond DDPO (all off by default):
+- LoRA: the trained params are adapters (`ddpo_jax.lora`) merged into the
+  frozen base UNet inside the step;
+- KL regularisation: `kl_coef` times the per-step KL between the current
+  policy's Gaussian transitions and the base (pretrained) model's is added to
+  the loss;
+- EMA: the state keeps an exponential moving average of the trained params,
+  updated after every optimiser step.
+The base UNet params ("base" below) are a separate frozen input, on the
+device once: needed with LoRA or KL, None otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from ddpo_jax import ddim
+from ddpo_jax import lora
 from ddpo_jax import models
 from ddpo_jax import objectives
 from ddpo_jax import sampling
@@ -28,11 +40,19 @@ from ddpo_jax import sampling
 
 @flax.struct.dataclass
 class TrainState:
-  """What the optimiser updates: the UNet params, its optimiser state, the step."""
+  """What the optimiser updates and checkpoints.
+
+  Attributes:
+    step: int32 scalar, optimiser steps taken.
+    params: the trained params: the UNet's, or its LoRA adapters.
+    opt_state: the optimiser's state of `params`.
+    ema_params: an exponential moving average of `params` (None when off).
+  """
 
   step: jax.Array
   params: Any
   opt_state: Any
+  ema_params: Any = None
 
 
 @flax.struct.dataclass
@@ -80,6 +100,47 @@ class UpdateSettings:
   unroll_accumulation: bool = flax.struct.field(pytree_node=False, default=False)
   # Rematerialise the UNet's blocks in the backward pass (memory for compute).
   remat: bool = flax.struct.field(pytree_node=False, default=False)
+  # alpha / rank when the trained params are LoRA adapters of the base UNet; None: full fine-tuning.
+  lora_scale: float | None = flax.struct.field(pytree_node=False, default=None)
+  # Coefficient of the KL to the base model in the loss (0: not computed).
+  kl_coef: float = flax.struct.field(pytree_node=False, default=0.0)
+  # Decay of the params' EMA (0: no EMA).
+  ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+  @property
+  def needs_base(self) -> bool:
+    """Whether the step needs the frozen base UNet (LoRA or KL)."""
+    return self.lora_scale is not None or self.kl_coef > 0
+
+
+def unet_params(trained, base, settings: UpdateSettings):
+  """The UNet params the policy applies: `trained`, or base + LoRA adapters `trained`."""
+  if settings.lora_scale is None:
+    return trained
+  return lora.merge(base, trained, settings.lora_scale)
+
+
+def transition_distribution(
+  model: models.DiffusionModel,
+  unet: Any,
+  minibatch: Transitions,
+  negative_context: jax.Array,
+  sampler: sampling.SamplerSettings,
+  remat: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """The guided policy's Gaussian p(x_{t-1} | x_t, c) of given transitions:
+  mean [M, C, h, w] and std [M, 1, 1, 1] (see `ddim.ddim_mean_and_std`)."""
+  output = sampling.guided_noise(
+    model,
+    unet,
+    minibatch.latents,
+    minibatch.timesteps,
+    minibatch.context,
+    negative_context,
+    sampler.guidance_scale,
+    remat=remat,
+  )
+  return ddim.ddim_mean_and_std(output, minibatch.timesteps, minibatch.latents, **sampling.ddim_kwargs(model, sampler))
 
 
 def transition_log_probs(
@@ -91,31 +152,43 @@ def transition_log_probs(
   remat: bool = False,
 ) -> jax.Array:
   """log p_θ(x_{t-1} | x_t, c) of given transitions [M], with the sampling CFG."""
-  output = sampling.guided_noise(
-    model,
-    unet_params,
-    minibatch.latents,
-    minibatch.timesteps,
-    minibatch.context,
-    negative_context,
-    sampler.guidance_scale,
-    remat=remat,
-  )
-  _, log_probs = ddim.ddim_step_with_logprob(
-    output,
-    minibatch.timesteps,
-    minibatch.latents,
-    prev_sample=minibatch.next_latents,
-    **sampling.ddim_kwargs(model, sampler),
-  )
-  return log_probs
+  mean, std = transition_distribution(model, unet_params, minibatch, negative_context, sampler, remat)
+  return ddim.gaussian_log_prob(minibatch.next_latents, mean, std)
 
 
-def minibatch_loss(model, unet_params, minibatch: Transitions, negative_context, settings: UpdateSettings):
-  log_probs = transition_log_probs(model, unet_params, minibatch, negative_context, settings.sampler, settings.remat)
+def minibatch_loss(
+  model, trained, minibatch: Transitions, negative_context, settings: UpdateSettings, base=None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The objective of one minibatch and its diagnostics.
+
+  Args:
+    trained: the trained params (the UNet's, or LoRA adapters of `base`).
+    base: the frozen base UNet params, when `settings.needs_base`.
+
+  Returns:
+    (loss, metrics): the policy loss plus kl_coef * mean KL to the base model;
+    metrics hold "loss" (that total) and, with KL, "kl_to_reference"
+    (the mean over the minibatch of `ddim.gaussian_kl`).
+  """
+  unet = unet_params(trained, base, settings)
+  mean, std = transition_distribution(model, unet, minibatch, negative_context, settings.sampler, settings.remat)
+  log_probs = ddim.gaussian_log_prob(minibatch.next_latents, mean, std)
   loss_fn = objectives.get(settings.method)
   loss, metrics = loss_fn(log_probs, minibatch.old_log_probs, minibatch.advantages, settings.clip_range)
+  if settings.kl_coef > 0:
+    # The reference is the base model (with LoRA: the adapters switched off); σ is the same for both.
+    reference_mean, _ = transition_distribution(
+      model, jax.lax.stop_gradient(base), minibatch, negative_context, settings.sampler
+    )
+    kl = ddim.gaussian_kl(mean, jax.lax.stop_gradient(reference_mean), std).mean()
+    loss = loss + settings.kl_coef * kl
+    metrics = dict(metrics, kl_to_reference=kl)
   return loss, dict(metrics, loss=loss)
+
+
+def ema_update(ema_params, params, decay: float):
+  """decay * ema + (1 - decay) * params, leaf by leaf."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
 def make_transitions(rollouts: Rollouts, key: jax.Array, settings: UpdateSettings) -> Transitions:
@@ -152,15 +225,18 @@ def optimizer_step(
   transitions: Transitions,
   index: jax.Array,
   negative_context: jax.Array,
+  base: Any = None,
+  *,
   settings: UpdateSettings,
   minibatch_sharding=None,
   params_sharding=None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step over the minibatches `transitions[index]`.
+  """One optimiser step over the minibatches `transitions[index]`, then the EMA.
 
   Args:
     transitions: the inner epoch's transitions, [num_updates, accumulation, M, ...].
     index: int scalar, which optimiser step of the inner epoch this is.
+    base: the frozen base UNet params when `settings.needs_base`, else None.
     minibatch_sharding, params_sharding: where each minibatch and the summed
       gradients live (the gradients as the params: FSDP-sharded ones stay so).
 
@@ -174,7 +250,7 @@ def optimizer_step(
   def accumulate(grads_sum, minibatch):
     if minibatch_sharding is not None:
       minibatch = jax.lax.with_sharding_constraint(minibatch, minibatch_sharding)
-    grads, metrics = grad_fn(state.params, minibatch, negative_context, settings)
+    grads, metrics = grad_fn(state.params, minibatch, negative_context, settings, base)
     return constrain(jax.tree.map(jnp.add, grads_sum, grads)), metrics
 
   constrain = lambda tree: tree if params_sharding is None else jax.lax.with_sharding_constraint(tree, params_sharding)
@@ -183,5 +259,6 @@ def optimizer_step(
   grads = jax.tree.map(lambda g: g / settings.gradient_accumulation_steps, grads_sum)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+  ema_params = ema_update(state.ema_params, params, settings.ema_decay) if settings.ema_decay > 0 else None
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
   return new_state, dict(metrics, grad_norm=optax.tree.norm(grads))

@@ -11,6 +11,7 @@ import tempfile
 
 import ml_collections
 
+from ddpo_jax import advantages
 from ddpo_jax import models
 from ddpo_jax import objectives
 from ddpo_jax import prompts
@@ -63,7 +64,11 @@ def num_updates_per_inner_epoch(config: ml_collections.ConfigDict) -> int:
   return transitions // (config.train.batch_size * config.train.gradient_accumulation_steps)
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices: int) -> None:
+# config.train.advantages values.
+ADVANTAGES = ("stat_tracking", "group")
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices: int, num_processes: int = 1) -> None:
   """Raises ConfigError for the first invalid value or combination."""
   s, t = config.sample, config.train
   if config.num_epochs < 1:
@@ -123,6 +128,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
   ):
     if not value > 0:
       raise ConfigError(f"config.{name}={value} must be > 0.")
+  _check_beyond_ddpo(config, num_processes)
   if config.stat_tracking.per_prompt and not 1 <= config.stat_tracking.min_count <= config.stat_tracking.buffer_size:
     raise ConfigError(
       f"config.stat_tracking.min_count={config.stat_tracking.min_count} must be in "
@@ -160,3 +166,51 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
       )
   if workdir is not None:
     _check_workdir(workdir)
+
+
+def _check_beyond_ddpo(config: ml_collections.ConfigDict, num_processes: int) -> None:
+  """Grouped sampling and advantages, KL, EMA and LoRA."""
+  s, t = config.sample, config.train
+  k = s.group_size
+  if not isinstance(k, int) or k < 1:
+    raise ConfigError(f"config.sample.group_size={k!r} must be an integer >= 1.")
+  local = s.batch_size // max(num_processes, 1)
+  if local % k:
+    # Advantages see every process's samples in global order: a group must lie within one process's rows.
+    raise ConfigError(
+      f"config.sample.group_size={k} must divide the {local} samples per process of config.sample.batch_size="
+      f"{s.batch_size} over {num_processes} process(es), so that no group straddles two processes; "
+      f"choose a group size that divides {local}."
+    )
+  if not isinstance(s.group_same_noise, bool):
+    raise ConfigError(f"config.sample.group_same_noise={s.group_same_noise!r} must be True or False.")
+  if t.advantages not in ADVANTAGES:
+    raise ConfigError(f"config.train.advantages={t.advantages!r} is unknown; choose one of {ADVANTAGES}.")
+  if t.advantages == "group" and k < 2:
+    raise ConfigError(
+      "config.train.advantages='group' compares the samples of a prompt with each other: set "
+      f"config.sample.group_size >= 2 (it is {k})."
+    )
+  if t.group_std not in advantages.GROUP_STDS:
+    raise ConfigError(f"config.train.group_std={t.group_std!r}: choose one of {advantages.GROUP_STDS}.")
+  if not 0 <= t.kl_coef < float("inf"):
+    raise ConfigError(f"config.train.kl_coef={t.kl_coef} must be >= 0 (0: no KL regularisation).")
+  if not 0 <= t.ema_decay < 1:
+    raise ConfigError(f"config.train.ema_decay={t.ema_decay} must be in [0, 1) (0: no EMA; e.g. 0.9).")
+  if config.logging.sample_with_ema and t.ema_decay == 0:
+    raise ConfigError(
+      "config.logging.sample_with_ema=True needs EMA params: set config.train.ema_decay > 0 (e.g. 0.9)."
+    )
+  rank = config.lora.rank
+  if not isinstance(rank, int) or rank < 0:
+    raise ConfigError(f"config.lora.rank={rank!r} must be an integer >= 0 (0: full fine-tuning, e.g. 4).")
+  if rank:
+    if not config.lora.alpha > 0:
+      raise ConfigError(f"config.lora.alpha={config.lora.alpha} must be > 0 (alpha = rank: scale 1).")
+    if not config.lora.targets:
+      raise ConfigError("config.lora.targets is empty; give regexes of UNet kernel paths, e.g. 'attn1/to_q/kernel$'.")
+    for pattern in config.lora.targets:
+      try:
+        re.compile(pattern)
+      except (re.error, TypeError) as e:
+        raise ConfigError(f"config.lora.targets: {pattern!r} is not a valid regex ({e}).") from e

@@ -339,7 +339,7 @@ def make_trainer(config, devices):
 
 
 def sampler_args(trainer, params, batch: int) -> tuple:
-  """(params, token_ids [B, L], negative_token_ids [L], key) of sample_fn, abstract, with its shardings."""
+  """(params, base, token_ids [B, L], negative_token_ids [L], key) of sample_fn, abstract, with its shardings."""
   import jax
   import jax.numpy as jnp
 
@@ -348,6 +348,7 @@ def sampler_args(trainer, params, batch: int) -> tuple:
   length = trainer.model.max_prompt_tokens
   return (
     dict(frozen, unet=trainer.abstract_state.params),
+    trainer.abstract_base,
     jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=trainer.batch_sharding),
     jax.ShapeDtypeStruct((length,), jnp.int32, sharding=rep),
     jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
@@ -388,7 +389,7 @@ def epoch_rollouts(trainer, outputs, num_batches: int):
 
 
 def step_args(trainer, params, rollouts) -> tuple:
-  """(state, transitions, index, negative_context) of step_fn, abstract, with its shardings."""
+  """(state, transitions, index, negative_context, base) of step_fn, abstract, with its shardings."""
   import jax
   import jax.numpy as jnp
 
@@ -402,7 +403,7 @@ def step_args(trainer, params, rollouts) -> tuple:
   context = jax.eval_shape(trainer.encode_fn, jax.tree.map(lambda x: _sds(x, rep), params["text_encoder"]), tokens)
   negative = jax.ShapeDtypeStruct(context.shape[1:], context.dtype, sharding=rep)
   index = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-  return trainer.abstract_state, transitions, index, negative
+  return trainer.abstract_state, transitions, index, negative, trainer.abstract_base
 
 
 def compiled_memory(jitted, args) -> Memory:
@@ -471,7 +472,7 @@ def _vjp_residual_bytes(fn, *args) -> int:
   return residual_bytes(jax.make_jaxpr(lambda *a: jax.vjp(fn, *a)[1])(*args))
 
 
-def saved_activation_bytes(model, settings, unet_params, minibatch, negative_context) -> int:
+def saved_activation_bytes(model, settings, unet_params, minibatch, negative_context, base=None) -> int:
   """Activations one minibatch's backward pass needs at once, counted on the jaxpr.
 
   The residuals of the loss's vjp in the UNet params; with remat, plus the
@@ -482,13 +483,13 @@ def saved_activation_bytes(model, settings, unet_params, minibatch, negative_con
 
   from ddpo_jax import update
 
-  def vjp(params, minibatch, negative):
-    return jax.vjp(lambda p: update.minibatch_loss(model, p, minibatch, negative, settings)[0], params)[1]
+  def vjp(params, minibatch, negative, base):
+    return jax.vjp(lambda p: update.minibatch_loss(model, p, minibatch, negative, settings, base)[0], params)[1]
 
-  total = residual_bytes(jax.make_jaxpr(vjp)(unet_params, minibatch, negative_context))
+  total = residual_bytes(jax.make_jaxpr(vjp)(unet_params, minibatch, negative_context, base))
   if settings.remat:
-    loss = lambda p, m, n: update.minibatch_loss(model, p, m, n, settings)[0]
-    forward = jax.make_jaxpr(loss)(unet_params, minibatch, negative_context)
+    loss = lambda p, m, n, b: update.minibatch_loss(model, p, m, n, settings, b)[0]
+    forward = jax.make_jaxpr(loss)(unet_params, minibatch, negative_context, base)
     total += max((block_residual_bytes(block) for block in _remat_blocks(forward.jaxpr)), default=0)
   return total
 
@@ -636,12 +637,15 @@ class Setting:
     return memory, sizes
 
   def _rough_sampler(self, trainer, args, outputs, per_device: int) -> Memory:
-    from ddpo_jax import sampling
-    from ddpo_jax import train
-
-    fn = functools.partial(sampling.sample, trainer.model, settings=train.sampler_settings(self.config))
-    local = (_unsharded(args[0]), _unsharded(args[1], per_device), _unsharded(args[2]), _unsharded(args[3]))
-    rough = int(ROUGH_SAMPLER_FACTOR * largest_intermediate_bytes(fn, *local))
+    params, base, tokens, negative, key = args
+    local = (
+      _unsharded(params),
+      _unsharded(base),
+      _unsharded(tokens, per_device),
+      _unsharded(negative),
+      _unsharded(key),
+    )
+    rough = int(ROUGH_SAMPLER_FACTOR * largest_intermediate_bytes(trainer._sample, *local))
     return Memory(argument=bytes_per_device(args), output=bytes_per_device(outputs), alias=0, temp=rough)
 
   def train(self, per_device: int) -> tuple[Memory, int]:
@@ -659,23 +663,24 @@ class Setting:
     _, sizes = self.sample(sample_per_device)
     args = sampler_args(trainer, params, sample_per_device * self.num_devices)
     rollouts = epoch_rollouts(trainer, sampler_outputs(trainer, args), sizes["num_batches"])
-    state, transitions, index, negative = step_args(trainer, params, rollouts)
+    state, transitions, index, negative, base = step_args(trainer, params, rollouts)
     settings = train_lib.update_settings(trainer.config)
     activations = saved_activation_bytes(
       trainer.model,
       settings,
-      _unsharded(params["unet"]),
+      _unsharded(state.params),
       local_minibatch(transitions, per_device),
       _unsharded(negative),
+      _unsharded(base),
     )
     if self.compile:
       logging.info("compiling the training step: %d transitions per device ...", per_device)
-      memory = compiled_memory(trainer.step_fn, (state, transitions, index, negative))
+      memory = compiled_memory(trainer.step_fn, (state, transitions, index, negative, base))
       logging.info("  %.1f s, %.2f GiB of temporaries", memory.seconds, memory.temp / GiB)
     else:
       state_bytes = bytes_per_device(state)
       unet_bytes = bytes_per_device(state.params)
-      argument = bytes_per_device((state, transitions, index, negative))
+      argument = bytes_per_device((state, transitions, index, negative, base))
       # Outputs alias the donated state; the summed and the current gradients live beside the activations.
       memory = Memory(argument=argument, output=state_bytes, alias=state_bytes, temp=2 * unet_bytes + activations)
     self._steps[per_device] = (memory, activations)
