@@ -23,13 +23,14 @@ the target's mesh on fake CPU devices. Per device, per target and setting:
       training = training step + frozen params + the epoch's rollouts,
     and the verdict against the HBM; when the config does not fit, the
     largest per-device sample and train batches that do (found by compiling
-    a few sizes, guided by a linear fit of peak against batch).
+    a few sizes, each guessed on the line through the nearest sizes that fit
+    and that do not).
 
 What the numbers are (printed with the report):
   * XLA:CPU's buffer assignment for that mesh, not TPU's or GPU's (their
-    layouts, fusion and scheduling differ). For SD v1.4 in float32 it agrees
-    within 5% with the saved activations counted on the jaxpr, which no
-    backend changes.
+    layouts, fusion and scheduling differ). For SD v1.4 in float32 with 16
+    to 32 UNet rows per device its temporaries are within 7% of the saved
+    activations counted on the jaxpr, which no backend changes.
   * XLA:CPU computes bfloat16 dots and reductions in float32 and so overstates
     bfloat16 working memory (SD v1.4, 16 UNet rows: 112 GiB of temporaries
     against 79 GiB of bfloat16 saved activations); the jaxpr column keeps the
@@ -594,7 +595,9 @@ class Setting:
     return self._trainers[train_per_device]
 
   def static_sizes(self) -> dict[str, Any]:
-    """Bytes per device of the UNet params, the rest of the train state and the frozen params."""
+    """Bytes per device of the trained params (the UNet's or LoRA adapters), the rest of the train state
+    (optimizer state, step, EMA params), the frozen base UNet (LoRA's and the KL's; 0 without) and the
+    frozen VAE and text encoder."""
     from ddpo_jax import architectures
     from ddpo_jax import sharding
 
@@ -603,9 +606,11 @@ class Setting:
     unet = sharding.bytes_per_device(state.params, shardings.params)
     total = sharding.bytes_per_device(state, shardings)
     frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
+    base = trainer.abstract_base
     return {
       "unet_params": unet,
       "opt_state": total - unet,
+      "base_params": 0 if base is None else sharding.bytes_per_device(base, trainer.base_sharding),
       "frozen_params": architectures.num_bytes(frozen),
       "state_sharded_fraction": sharding.sharded_fraction(state, shardings),
     }
@@ -716,7 +721,8 @@ def measure(config, target: Target, devices, compile_: bool = True, search: bool
     "dtype": config.model.dtype,
     "remat": bool(config.train.remat),
     "bytes_per_device": {
-      k: sizes[k] for k in ("unet_params", "opt_state", "frozen_params", "sample_outputs", "epoch_buffers")
+      k: sizes[k]
+      for k in ("unet_params", "opt_state", "base_params", "frozen_params", "sample_outputs", "epoch_buffers")
     },
     "state_sharded_fraction": sizes["state_sharded_fraction"],
     "sample": dict(
@@ -913,14 +919,20 @@ def format_table(records: list[dict]) -> str:
     b, s, t = r["bytes_per_device"], r["sample"], r["train"]
     lines.append(
       f"| {r['target']} | {r['mesh']['data']}×{r['mesh']['fsdp']} | {r['dtype']} | {'on' if r['remat'] else 'off'} "
-      f"| {_size(b['unet_params'])} + {_size(b['opt_state'])} | {_size(b['frozen_params'])} "
+      f"| {_size(b['unet_params'])} + {_size(b['opt_state'])}"
+      + (f" + base {_size(b['base_params'])}" if b.get("base_params") else "")
+      + f" | {_size(b['frozen_params'])} "
       f"| {_size(b['epoch_buffers'])} "
       f"| {_size(s['peak'])} ({s['batch_per_device']}) | {_size(t['peak'])} ({t['batch_per_device']}) "
       f"| {_size(t['saved_activations'])} | {_size(r['hbm_bytes'])} | {r['verdict']} | {_fitting(r)} "
       f"| {_seconds(s)}, {_seconds(t)} |"
     )
   models_ = sorted({r["model"] for r in records})
-  notes = [f"Per device; model {', '.join(models_)}; batches per device (transitions: UNet rows x2 with CFG)."]
+  notes = [
+    f"Per device; model {', '.join(models_)}; batches per device (transitions: UNet rows x2 with CFG); "
+    "'UNet params + opt': the trained params (UNet or LoRA adapters) + optimizer state, step and EMA "
+    "(+ the frozen base UNet of LoRA or the KL)."
+  ]
   notes += [
     f"{e}: {ESTIMATE_NOTES.get(e, 'as compiled for this backend')}." for e in sorted({r["estimate"] for r in records})
   ]
