@@ -29,3 +29,14 @@ def get_config(spec: str) -> ml_collections.ConfigDict:
   path, _, preset = spec.partition(":")
   module = load_module(path)
   return module.get_config(preset) if preset else module.get_config()
+
+
+def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Sets {"section.name": value, ...} in `config` (in place) as --config.section.name=value would; returns it."""
+  for key, value in values.items():
+    *sections, name = key.split(".")
+    node = config
+    for section in sections:
+      node = node[section]
+    node[name] = value
+  return config

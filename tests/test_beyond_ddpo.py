@@ -146,26 +146,16 @@ INVALID = [
 ]
 
 
-def set_values(config, values):
-  for key, value in values.items():
-    *sections, name = key.split(".")
-    node = config
-    for section in sections:
-      node = node[section]
-    node[name] = value
-  return config
-
-
 @pytest.mark.parametrize("values,message", INVALID)
 def test_invalid_settings_are_named(values, message):
-  config = set_values(config_utils.get_config("configs/compress.py:tiny"), values)
+  config = config_utils.override(config_utils.get_config("configs/compress.py:tiny"), values)
   with pytest.raises(validation.ConfigError) as error:
     validation.validate(config, None, num_devices=8)
   assert message in str(error.value)
 
 
 def test_groups_must_not_straddle_processes():
-  config = set_values(config_utils.get_config("configs/compress.py:tiny"), {"sample.group_size": 8})
+  config = config_utils.override(config_utils.get_config("configs/compress.py:tiny"), {"sample.group_size": 8})
   validation.validate(config, None, num_devices=8, num_processes=4)  # 8 samples per process
   with pytest.raises(validation.ConfigError, match="no group straddles two processes"):
     validation.validate(config, None, num_devices=8, num_processes=8)
@@ -206,7 +196,7 @@ def random_transitions(model, params, m=8):
 
 def test_kl_term_of_the_loss(tiny_loaded, tiny_model_dir):
   model, params = tiny_loaded
-  config = set_values(config_utils.get_config("configs/compress.py:tiny"), {"train.kl_coef": 0.5})
+  config = config_utils.override(config_utils.get_config("configs/compress.py:tiny"), {"train.kl_coef": 0.5})
   config.sample.num_steps = 4
   settings = train.update_settings(config)
   minibatch = random_transitions(model, params)
@@ -277,7 +267,7 @@ def test_merge_by_hand():
 
 def options_config(model_dir):
   config = config_utils.get_config("configs/compress.py:tiny")
-  return set_values(
+  return config_utils.override(
     config,
     {
       "model.name": model_dir,
@@ -447,7 +437,7 @@ def test_merged_export_loads_as_the_adapted_model(options, tmp_path):
 
 def test_a_run_with_every_option(tiny_model_dir, tmp_path):
   config = options_config(tiny_model_dir)
-  set_values(
+  config_utils.override(
     config,
     {
       "num_epochs": 2,

@@ -52,14 +52,7 @@ def overrides(model_dir, **more):
 
 
 def make_config(values):
-  config = config_utils.get_config("configs/compress.py:tiny")
-  for key, value in values.items():
-    *sections, name = key.split(".")
-    node = config
-    for section in sections:
-      node = node[section]
-    node[name] = value
-  return config
+  return config_utils.override(config_utils.get_config("configs/compress.py:tiny"), values)
 
 
 def flags(values):
