@@ -79,8 +79,16 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.sample.group_same_noise = False
 
   config.train = ml_collections.ConfigDict()
-  # "ddpo_is" (clipped importance sampling) or "ddpo_sf" (score function).
+  # "ddpo_is" (clipped importance sampling), "ddpo_sf" (score function), or
+  # the paper's baselines: "rwr" (reward-weighted regression: the denoising
+  # loss on the epoch's samples weighted by exp(r / rwr_temperature), scaled to
+  # mean 1) and "rwr_sparse" (the same loss on the samples whose reward is at or
+  # above the rwr_percentile-th percentile of the epoch's).
   config.train.method = "ddpo_is"
+  # RWR's temperature, in the reward's units (smaller: sharper weights).
+  config.train.rwr_temperature = 1.0
+  # rwr_sparse keeps the samples at or above this percentile of the epoch's rewards.
+  config.train.rwr_percentile = 90.0
   # Transitions per minibatch (one forward and backward pass), over all devices.
   config.train.batch_size = 64
   # Minibatches whose gradients are averaged into one optimiser step.
@@ -148,6 +156,30 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # Write checkpoints in the background while training goes on.
   config.checkpoint.asynchronous = True
 
+  config.eval = ml_collections.ConfigDict()
+  # Epochs between held-out evaluations (0: none). When on, the run is also
+  # evaluated before its first epoch and after its last. Each evaluation
+  # samples the same prompts from the same noise (fixed by eval.seed), so
+  # evaluations differ only by the params: records with "split": "eval" in
+  # metrics.jsonl, eval/ in TensorBoard, images/eval_samples_EPOCH.png.
+  config.eval.every_epochs = 10
+  # The held-out prompt set: a registered prompt function and its kwargs.
+  config.eval.prompt = ml_collections.ConfigDict()
+  config.eval.prompt.name = "everyday_objects"
+  config.eval.prompt.kwargs = ml_collections.ConfigDict()
+  # Samples per evaluation: a multiple of sample.batch_size (the sampler is shared).
+  config.eval.num_samples = 256
+  # Samples of each prompt (consecutive rows); >= 2 measures diversity within a prompt.
+  config.eval.samples_per_prompt = 4
+  # Root of the evaluation's prompt draw and noise.
+  config.eval.seed = 1234
+  # DDIM eta of the evaluation sampler: sample.eta (1.0) samples the trained
+  # policy itself; 0.0 gives DDIM's deterministic ODE sampler (compiles a second sampler).
+  config.eval.eta = 1.0
+  # Rewards reported besides the trained one (registered names, default kwargs),
+  # to expose reward hacking; those a sample cannot be scored by count as invalid.
+  config.eval.rewards = ("jpeg_compressibility", "jpeg_incompressibility")
+
   config.logging = ml_collections.ConfigDict()
   # Epochs between PNG grids of samples (0: never).
   config.logging.images_every_epochs = 5
@@ -198,3 +230,9 @@ def apply_tiny(config: ml_collections.ConfigDict) -> None:
   config.checkpoint.every_epochs = 4
   config.logging.images_every_epochs = 4
   config.logging.num_images = 16
+  # Held-out: toy captions whose shape colour × shape pair RL never trains on.
+  config.eval.every_epochs = 4
+  config.eval.prompt.name = "toy_scenes"
+  config.eval.prompt.kwargs = ml_collections.ConfigDict({"split": "heldout"})
+  config.eval.num_samples = 32
+  config.eval.rewards = ("jpeg_compressibility", "jpeg_incompressibility", "toy_alignment")

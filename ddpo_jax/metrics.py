@@ -127,8 +127,12 @@ def _to_python(name: str, value: Any) -> int | float:
   return float(array.item())
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of {workdir}/metrics.jsonl, skipping lines that do not parse."""
+def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:
+  """The records of {workdir}/metrics.jsonl, skipping lines that do not parse.
+
+  split: only the records of this split ("train", "eval"); records without a
+  split field count as "train".
+  """
   records = []
   with open(os.path.join(workdir, METRICS_FILE), encoding="utf-8") as f:
     for line in f:
@@ -136,6 +140,8 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         records.append(json.loads(line))
       except json.JSONDecodeError:
         pass  # a line torn by a crash
+  if split is not None:
+    records = [r for r in records if r.get("split", "train") == split]
   return records
 
 
@@ -191,22 +197,27 @@ class MetricWriter:
     os.replace(temporary, self.metrics_path)
     return len(moved)
 
-  def write_scalars(self, step: int, scalars: dict[str, Any]) -> None:
-    """Appends {"epoch": step, **scalars} to metrics.jsonl and logs each to TensorBoard.
+  def write_scalars(self, step: int, scalars: dict[str, Any], split: str | None = None) -> None:
+    """Appends {"epoch": step, ["split": split,] **scalars} to metrics.jsonl and
+    logs each to TensorBoard (as "{split}/{name}" for splits other than "train").
 
     Values may be Python, numpy or jax scalars; NaN and inf are written as
     Python's json writes them (NaN, Infinity), which json.loads reads back.
     """
     if not self.enabled:
       return
-    record: dict[str, int | float] = {"epoch": int(step)}
-    record.update({name: _to_python(name, value) for name, value in scalars.items()})
+    record: dict[str, int | float | str] = {"epoch": int(step)}
+    numbers = {name: _to_python(name, value) for name, value in scalars.items()}
+    if split is not None:
+      record["split"] = split
+    record.update(numbers)
     # One write of one whole line, flushed at once: earlier lines are never touched.
     with open(self.metrics_path, "a", encoding="utf-8") as f:
       f.write(json.dumps(record) + "\n")
       f.flush()
-    for name, value in record.items():
-      self._tensorboard.add_scalar(name, value, int(step))
+    prefix = "" if split in (None, "train") else f"{split}/"
+    for name, value in numbers.items():
+      self._tensorboard.add_scalar(prefix + name, value, int(step))
     self._tensorboard.flush()
 
   def write_histogram(self, step: int, name: str, values: np.ndarray) -> None:

@@ -1,15 +1,24 @@
-"""DDPO's policy-gradient objectives over transitions, as small pure functions.
+"""The training objectives, as small pure functions.
 
-Reference: Black et al., "Training Diffusion Models with Reinforcement
-Learning" (ICLR 2024), eq. 3 (DDPO_SF) and eq. 4 (DDPO_IS, with PPO's clip).
+DDPO's policy gradients over transitions (Black et al., "Training Diffusion
+Models with Reinforcement Learning", ICLR 2024, eq. 3: DDPO_SF, eq. 4: DDPO_IS
+with PPO's clip), and the paper's reward-weighted regression baselines (RWR,
+its section 4.2): the standard denoising loss on the epoch's samples, each
+weighted by its reward, densely (`rwr_dense_weights`) or by a filter
+(`rwr_sparse_weights`, "filtered fine-tuning").
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-METHODS = ("ddpo_is", "ddpo_sf")
+# Policy gradients over (x_t, x_{t-1}) transitions.
+POLICY_GRADIENT_METHODS = ("ddpo_is", "ddpo_sf")
+# Reward-weighted denoising on (x_0, t, noise) examples.
+RWR_METHODS = ("rwr", "rwr_sparse")
+METHODS = POLICY_GRADIENT_METHODS + RWR_METHODS
 
 
 def clipped_importance_loss(
@@ -53,8 +62,49 @@ def _diagnostics(log_ratio: jax.Array, ratio: jax.Array, clip_range: float) -> d
   }
 
 
+def weighted_denoising_loss(
+  prediction: jax.Array, target: jax.Array, weights: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """RWR: mean over examples of w · mean((prediction - target)²) over C·h·w.
+
+  Args:
+    prediction, target: [M, C, h, w], the model's output and its regression
+      target (the noise, or v, as the schedule predicts).
+    weights: [M] the example's trajectory weight (mean 1 over the epoch).
+
+  Returns:
+    (loss, {"denoising_mse": the unweighted mean squared error}).
+  """
+  squared_error = jnp.mean(jnp.square(prediction - target), axis=tuple(range(1, prediction.ndim)))
+  return jnp.mean(weights * squared_error), {"denoising_mse": squared_error.mean()}
+
+
+def rwr_dense_weights(rewards: np.ndarray, temperature: float) -> np.ndarray:
+  """RWR's weights w_i ∝ exp(r_i / temperature), scaled to mean 1: float32 [N].
+
+  NaN rewards (dropped samples) get weight 0 and take no part in the
+  normalisation. Computed in float64 with the max subtracted, so a small
+  temperature does not overflow.
+  """
+  rewards = np.asarray(rewards, np.float64)
+  valid = np.isfinite(rewards)
+  logits = np.where(valid, rewards / temperature, -np.inf)
+  weights = np.exp(logits - logits[valid].max())
+  return (weights * valid.sum() / weights.sum()).astype(np.float32)
+
+
+def rwr_sparse_weights(rewards: np.ndarray, percentile: float) -> np.ndarray:
+  """Filtered fine-tuning: w_i = 1[r_i >= the `percentile`-th percentile of
+  the valid rewards], scaled to mean 1 over them: float32 [N] (0 for NaN)."""
+  rewards = np.asarray(rewards, np.float64)
+  valid = np.isfinite(rewards)
+  threshold = np.percentile(rewards[valid], percentile)
+  kept = valid & (rewards >= threshold)
+  return (kept * valid.sum() / kept.sum()).astype(np.float32)
+
+
 def get(method: str):
-  """The loss function of a method name of `METHODS`."""
+  """The policy-gradient loss function of a method name of `POLICY_GRADIENT_METHODS`."""
   if method == "ddpo_is":
     return clipped_importance_loss
   if method == "ddpo_sf":

@@ -135,11 +135,16 @@ def from_file(path: str) -> PromptFn:
 
 
 @register("toy_scenes")
-def toy_scenes() -> PromptFn:
-  """Captions of the toy world, uniform over `ddpo_jax.toy.shapes.all_scenes()`."""
+def toy_scenes(split: str = "all") -> PromptFn:
+  """Captions of the toy world, uniform over `ddpo_jax.toy.shapes.scenes(split)`.
+
+  split: "all"; "train", the scenes whose shape colour × shape pair is not one
+  of `shapes.HELDOUT_PAIRS`; "heldout", those whose pair is (unseen
+  combinations for evaluating generalisation).
+  """
   from ddpo_jax.toy import shapes
 
-  return uniform([scene.caption for scene in shapes.all_scenes()])
+  return uniform([scene.caption for scene in shapes.scenes(split)])
 
 
 @register("constant")

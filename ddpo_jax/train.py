@@ -22,9 +22,11 @@ import tqdm
 
 from ddpo_jax import advantages as advantages_lib
 from ddpo_jax import checkpoints
+from ddpo_jax import evaluation
 from ddpo_jax import lora
 from ddpo_jax import metrics as metrics_lib
 from ddpo_jax import models
+from ddpo_jax import objectives
 from ddpo_jax import prompts as prompts_lib
 from ddpo_jax import rewards as rewards_lib
 from ddpo_jax import sampling
@@ -133,22 +135,14 @@ class Trainer:
       )
     self.params_sharding = {"unet": self.unet_sharding, "vae": replicated, "text_encoder": replicated}
 
-    self.sample_fn = jax.jit(
-      self._sample,
-      in_shardings=(self.params_sharding, self.base_sharding, batch, replicated, replicated),
-      out_shardings=(
-        sampling.Trajectory(latents=batch, log_probs=batch, timesteps=replicated),
-        batch,
-        batch,
-      ),
-    )
+    self.sample_fn = self._jit_sampler(self.sampler_settings)
     rollouts_sharding = update.Rollouts(
       latents=batch, log_probs=batch, timesteps=replicated, context=batch, advantages=batch
     )
     self.num_updates = validation.num_updates_per_inner_epoch(config)
     transitions_sharding = sharding.batch_axis(mesh, 2)  # [num_updates, accumulation, M, ...]
     self.transitions_fn = jax.jit(
-      functools.partial(update.make_transitions, settings=settings),
+      functools.partial(update.make_examples, model, settings=settings),
       in_shardings=(rollouts_sharding, replicated),
       out_shardings=transitions_sharding,
     )
@@ -225,11 +219,33 @@ class Trainer:
     """
     return self.unet_fn(trained, base)
 
-  def _sample(self, params, base, token_ids, negative_token_ids, key):
-    unet = update.unet_params(params["unet"], base, self.settings)
-    return sampling.sample(
-      self.model, dict(params, unet=unet), token_ids, negative_token_ids, key, self.sampler_settings
+  def _jit_sampler(self, settings: sampling.SamplerSettings):
+    """`sampling.sample` with `settings`, jitted for this mesh:
+    (params, base, token_ids, negative_token_ids, key) -> (trajectory, context, images)."""
+
+    def sample(params, base, token_ids, negative_token_ids, key):
+      unet = update.unet_params(params["unet"], base, self.settings)
+      return sampling.sample(self.model, dict(params, unet=unet), token_ids, negative_token_ids, key, settings)
+
+    batch = self.batch_sharding
+    return jax.jit(
+      sample,
+      in_shardings=(self.params_sharding, self.base_sharding, batch, self.replicated, self.replicated),
+      out_shardings=(sampling.Trajectory(latents=batch, log_probs=batch, timesteps=self.replicated), batch, batch),
     )
+
+  def sampler_for_eta(self, eta: float):
+    """`sample` (the training sampler) when eta is the training's, else the
+    same sampler with DDIM stochasticity `eta` (compiled on first use)."""
+    if eta == self.sampler_settings.eta:
+      return self.sample
+    sample_fn = self._jit_sampler(self.sampler_settings.replace(eta=float(eta)))
+
+    def sample(params, prompts: list[str], key: jax.Array, base: Any = None):
+      token_ids = sharding.host_to_global(models.tokenize(self.model, prompts), self.batch_sharding)
+      return sample_fn(params, base, token_ids, self.negative_tokens, key)
+
+    return sample
 
   def negative_context(self, params) -> jax.Array:
     return self.encode_fn(params["text_encoder"], self.negative_tokens[None])[0]
@@ -283,8 +299,9 @@ def _mean_metrics(train_metrics: list[dict[str, jax.Array]]) -> dict[str, float]
   """Host means over inner epochs and minibatches, plus the on-policy check."""
   host = jax.device_get(train_metrics)
   summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-  # Before any update the ratio of the first minibatch must be 1.
-  summary["onpolicy_ratio_deviation"] = float(np.asarray(host[0]["ratio_max_deviation"]).reshape(-1)[0])
+  if "ratio_max_deviation" in host[0]:  # policy gradients (RWR has no ratio)
+    # Before any update the ratio of the first minibatch must be 1.
+    summary["onpolicy_ratio_deviation"] = float(np.asarray(host[0]["ratio_max_deviation"]).reshape(-1)[0])
   return summary
 
 
@@ -318,7 +335,7 @@ def _log_epoch(
     training_seconds=done - train_start,
     seconds=done - epoch_start,
   )
-  writer.write_scalars(epoch, summary)
+  writer.write_scalars(epoch, summary, split="train")
   writer.write_histogram(epoch, "rewards", rewards)
   every = config.logging.images_every_epochs
   if every and (epoch % every == 0 or epoch == config.num_epochs - 1):
@@ -326,18 +343,21 @@ def _log_epoch(
     labels = [f"{r:.3g} {p}" for r, p in zip(local_rewards[:n], prompts[:n])]
     writer.write_images(epoch, "samples", np.concatenate(images)[:n], labels)
   if jax.process_index() == 0:
+    diagnostics = " | ".join(f"{name} {summary[name]:.3g}" for name in _LOGGED if name in summary)
     logging.info(
-      "epoch %d | samples %d | reward %.4f ± %.4f | loss %.3g | kl %.3g | clipfrac %.3f | %.1f s",
+      "epoch %d | samples %d | reward %.4f ± %.4f | %s | %.1f s",
       epoch,
       summary["samples"],
       summary["reward_mean"],
       summary["reward_std"],
-      summary["loss"],
-      summary["approx_kl"],
-      summary["clipfrac"],
+      diagnostics,
       summary["seconds"],
     )
   return summary
+
+
+# Training diagnostics of the epoch's log line, those the method has.
+_LOGGED = ("loss", "approx_kl", "clipfrac", "denoising_mse", "rwr_effective_fraction")
 
 
 def _ema_grid(trainer, config, writer, frozen, ema_params, base, prompt_fn, reward_fn, epoch: int) -> dict[str, float]:
@@ -405,6 +425,25 @@ def group_epoch_advantages(
   rewards = np.where(scored.valid, scored.rewards, np.nan)
   advantages, tied = advantages_lib.group_advantages(rewards, group_size, group_std)
   return np.clip(advantages, -clip, clip).astype(np.float32), {"group_tied_fraction": float(tied.mean())}
+
+
+def rwr_epoch_weights(
+  scored: rewards_lib.ScoredBatch, method: str, temperature: float, percentile: float, epoch: int
+) -> tuple[np.ndarray, dict[str, float]]:
+  """float32 [N] RWR weights of every process's samples (0 for dropped ones),
+  mean 1 over the valid ones, and {"rwr_effective_fraction": (Σw)² / (n Σw²),
+  the effective sample size as a fraction of the n valid samples}."""
+  if not scored.valid.any():
+    raise rewards_lib.RewardError(
+      f"epoch {epoch}: every sample's reward is invalid ({scored.problem}); nothing to train on."
+    )
+  rewards = np.where(scored.valid, scored.rewards, np.nan)
+  if method == "rwr":
+    weights = objectives.rwr_dense_weights(rewards, temperature)
+  else:
+    weights = objectives.rwr_sparse_weights(rewards, percentile)
+  effective = float(weights.sum() ** 2 / (scored.valid.sum() * np.square(weights.astype(np.float64)).sum()))
+  return weights, {"rwr_effective_fraction": effective}
 
 
 def reward_metrics(scored: rewards_lib.ScoredBatch) -> dict[str, float]:
@@ -497,6 +536,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
   pending = None  # the previous epoch, logged once the next one's sampling is dispatched
   summary: dict[str, Any] = {}
   preempted = False
+  evaluator = evaluation.Evaluator(config, trainer, reward_fn) if config.eval.every_epochs else None
+  eval_summary: dict[str, Any] = {}
+  if evaluator is not None and start_epoch == 0:
+    eval_summary = _evaluate(evaluator, writer, frozen, state.params, base, -1, 0)
 
   for epoch in range(start_epoch, config.num_epochs):
     epoch_start = time.time()
@@ -543,7 +586,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
       parts={k: gather_rows(v, num_batches) for k, v in local_scored.parts.items()},
       problem=local_scored.problem,
     )
-    if config.train.advantages == "group":
+    if trainer.settings.is_rwr:  # RWR's weights travel where the advantages do
+      advantages, advantage_metrics = rwr_epoch_weights(
+        scored, config.train.method, config.train.rwr_temperature, config.train.rwr_percentile, epoch
+      )
+    elif config.train.advantages == "group":
       advantages, advantage_metrics = group_epoch_advantages(
         scored, config.sample.group_size, config.train.group_std, config.train.adv_clip_max, epoch
       )
@@ -586,12 +633,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
       ),
     )
 
+    # --- Held-out evaluation of the params after this epoch (the epoch's own
+    # record first, so that records stay in epoch order).
+    if evaluator is not None and evaluation.is_due(epoch, config.num_epochs, config.eval.every_epochs):
+      summary = _log_epoch(writer, config, **pending)
+      pending = None
+      eval_summary = _evaluate(evaluator, writer, frozen, state.params, base, epoch, (epoch + 1) * samples_per_epoch)
+
     # --- Checkpoint: periodically and when preempted (then stop). The epoch's
     # record is written first, so metrics.jsonl never runs ahead of a restore.
     preempted = preemption.requested()
     if preempted or checkpoints.is_due(epoch, config.num_epochs, config.checkpoint.every_epochs):
-      summary = _log_epoch(writer, config, **pending)
-      pending = None
+      if pending is not None:
+        summary = _log_epoch(writer, config, **pending)
+        pending = None
       meta = dict(epoch=epoch, seed=config.seed, tracker=tracker.state() if tracker else {})
       checkpointer.save(epoch + 1, state, meta)
     if preempted:
@@ -611,4 +666,27 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
   sharding.sync_processes("train_and_evaluate done")
   if preempted:
     summary["preempted"] = True
+  summary.update({f"eval_{name}": value for name, value in eval_summary.items()})
   return summary, state
+
+
+def _evaluate(evaluator, writer, frozen, trained, base, epoch: int, samples: int) -> dict[str, Any]:
+  """Evaluates the params after epoch `epoch` (-1: before training), writes
+  the record and grid, and returns the metrics (with "epoch")."""
+  metrics, images, labels = evaluator.evaluate(dict(frozen, unet=trained), base)
+  evaluator.write(writer, epoch, samples, metrics, images, labels)
+  if jax.process_index() == 0:
+    others = " | ".join(
+      f"{k[len('reward_') : -len('_mean')]} {v:.4g}"
+      for k, v in metrics.items()
+      if k.endswith("_mean") and k != "reward_mean"
+    )
+    logging.info(
+      "eval after epoch %d | reward %.4f | %s | diversity %.3f | %.1f s",
+      epoch,
+      metrics["reward_mean"],
+      others,
+      metrics.get("diversity", metrics["diversity_all"]),
+      metrics["seconds"],
+    )
+  return dict(metrics, epoch=epoch)

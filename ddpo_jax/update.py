@@ -9,6 +9,11 @@ device call (`optimizer_step`) that accumulates the gradients of
 `gradient_accumulation_steps` minibatches. No Python loop over timesteps, no
 host round trip between steps (metrics stay on the device).
 
+The RWR baselines (`settings.method` "rwr" or "rwr_sparse") train on the same
+layout of examples instead: per trajectory, `num_timesteps_kept` copies of its
+final latents x_0, each noised to a random training timestep
+(`make_denoising_examples`), through the reward-weighted denoising loss.
+
 Options beyond DDPO (all off by default):
 - LoRA: the trained params are adapters (`ddpo_jax.lora`) merged into the
   frozen base UNet inside the step;
@@ -61,7 +66,8 @@ class Rollouts:
 
   Attributes:
     latents: [N, T+1, C, h, w]; log_probs: [N, T]; timesteps: [T];
-    context: [N, L, D] prompt embeddings; advantages: [N].
+    context: [N, L, D] prompt embeddings; advantages: [N] (with RWR: the
+    trajectories' weights).
   """
 
   latents: jax.Array
@@ -80,6 +86,26 @@ class Transitions:
   timesteps: jax.Array
   old_log_probs: jax.Array
   advantages: jax.Array
+  context: jax.Array
+
+
+@flax.struct.dataclass
+class DenoisingExamples:
+  """RWR's minibatches: leading axes [num_updates, accumulation, M].
+
+  Attributes:
+    noisy_latents: [..., C, h, w] sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε.
+    targets: [..., C, h, w] what the UNet regresses: ε (or v, or x_0, as the
+      schedule's prediction type says).
+    timesteps: int32 [...] t, uniform over the training timesteps.
+    weights: [...] the trajectory's RWR weight.
+    context: [..., L, D].
+  """
+
+  noisy_latents: jax.Array
+  targets: jax.Array
+  timesteps: jax.Array
+  weights: jax.Array
   context: jax.Array
 
 
@@ -106,6 +132,11 @@ class UpdateSettings:
   kl_coef: float = flax.struct.field(pytree_node=False, default=0.0)
   # Decay of the params' EMA (0: no EMA).
   ema_decay: float = flax.struct.field(pytree_node=False, default=0.0)
+
+  @property
+  def is_rwr(self) -> bool:
+    """Whether the method is a reward-weighted regression baseline."""
+    return self.method in objectives.RWR_METHODS
 
   @property
   def needs_base(self) -> bool:
@@ -163,6 +194,8 @@ def minibatch_loss(
 
   Args:
     trained: the trained params (the UNet's, or LoRA adapters of `base`).
+    minibatch: `Transitions`, or `DenoisingExamples` for RWR (whose loss is
+      the weighted denoising loss of the conditional UNet, no guidance).
     base: the frozen base UNet params, when `settings.needs_base`.
 
   Returns:
@@ -171,6 +204,12 @@ def minibatch_loss(
     (the mean over the minibatch of `ddim.gaussian_kl`).
   """
   unet = unet_params(trained, base, settings)
+  if settings.is_rwr:
+    prediction = models.predict_noise(
+      model, unet, minibatch.noisy_latents, minibatch.timesteps, minibatch.context, remat=settings.remat
+    )
+    loss, metrics = objectives.weighted_denoising_loss(prediction, minibatch.targets, minibatch.weights)
+    return loss, dict(metrics, loss=loss)
   mean, std = transition_distribution(model, unet, minibatch, negative_context, settings.sampler, settings.remat)
   log_probs = ddim.gaussian_log_prob(minibatch.next_latents, mean, std)
   loss_fn = objectives.get(settings.method)
@@ -191,6 +230,17 @@ def ema_update(ema_params, params, decay: float):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
+def _time_major(x: jax.Array, settings: UpdateSettings) -> jax.Array:
+  """[N, K, ...] -> [num_updates, accumulation, M, ...], step k of every trajectory before step k+1."""
+  x = jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+  return x.reshape((-1, settings.gradient_accumulation_steps, settings.batch_size) + x.shape[1:])
+
+
+def _per_example(x: jax.Array, num_kept: int) -> jax.Array:
+  """[N, ...] -> [N, K, ...]: a trajectory's value for each of its K examples."""
+  return jnp.broadcast_to(x[:, None], (x.shape[0], num_kept) + x.shape[1:])
+
+
 def make_transitions(rollouts: Rollouts, key: jax.Array, settings: UpdateSettings) -> Transitions:
   """Shuffles trajectories and their timesteps, subsamples, and lays out minibatches."""
   num_trajectories, num_steps = rollouts.log_probs.shape
@@ -200,22 +250,63 @@ def make_transitions(rollouts: Rollouts, key: jax.Array, settings: UpdateSetting
   steps = jax.vmap(lambda k: jax.random.permutation(k, num_steps))(time_keys)[:, : settings.num_timesteps_kept]
   rows = order[:, None]  # [N, 1]
   steps = steps[order]  # [N, K]
-
-  def time_major(x):  # [N, K, ...] -> [num_updates, accumulation, M, ...]
-    x = jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
-    return x.reshape((-1, settings.gradient_accumulation_steps, settings.batch_size) + x.shape[1:])
-
+  time_major = functools.partial(_time_major, settings=settings)
   num_kept = settings.num_timesteps_kept
   return Transitions(
     latents=time_major(rollouts.latents[rows, steps]),
     next_latents=time_major(rollouts.latents[rows, steps + 1]),
     timesteps=time_major(rollouts.timesteps[steps]),
     old_log_probs=time_major(rollouts.log_probs[rows, steps]),
-    advantages=time_major(jnp.broadcast_to(rollouts.advantages[order][:, None], (num_trajectories, num_kept))),
-    context=time_major(
-      jnp.broadcast_to(rollouts.context[order][:, None], (num_trajectories, num_kept) + rollouts.context.shape[1:])
-    ),
+    advantages=time_major(_per_example(rollouts.advantages[order], num_kept)),
+    context=time_major(_per_example(rollouts.context[order], num_kept)),
   )
+
+
+def make_denoising_examples(
+  model: models.DiffusionModel, rollouts: Rollouts, key: jax.Array, settings: UpdateSettings
+) -> DenoisingExamples:
+  """RWR's examples: each trajectory's x_0 (its final latents) noised to
+  `num_timesteps_kept` timesteps drawn uniformly from [0, num_train_timesteps),
+  with fresh noise, in the minibatch layout of `make_transitions`.
+
+  The standard denoising loss of the model's prediction type: the target is
+  ε ("epsilon"), sqrt(ᾱ_t) ε - sqrt(1-ᾱ_t) x_0 ("v_prediction") or x_0 ("sample").
+  """
+  schedule = model.schedule
+  num_trajectories = rollouts.latents.shape[0]
+  num_kept = settings.num_timesteps_kept
+  order_key, time_key, noise_key = jax.random.split(key, 3)
+  order = jax.random.permutation(order_key, num_trajectories)
+  clean = _per_example(rollouts.latents[order, -1], num_kept)  # [N, K, C, h, w]
+  timesteps = jax.random.randint(time_key, (num_trajectories, num_kept), 0, schedule.num_train_timesteps)
+  noise = jax.random.normal(noise_key, clean.shape, clean.dtype)
+  alpha_cumprod = jnp.asarray(schedule.alphas_cumprod, jnp.float32)[timesteps][..., None, None, None]
+  signal, sigma = jnp.sqrt(alpha_cumprod), jnp.sqrt(1.0 - alpha_cumprod)
+  if schedule.prediction_type == "epsilon":
+    targets = noise
+  elif schedule.prediction_type == "v_prediction":
+    targets = signal * noise - sigma * clean
+  elif schedule.prediction_type == "sample":
+    targets = clean
+  else:
+    raise ValueError(f"prediction type {schedule.prediction_type!r} is not supported by RWR")
+  time_major = functools.partial(_time_major, settings=settings)
+  return DenoisingExamples(
+    noisy_latents=time_major(signal * clean + sigma * noise),
+    targets=time_major(targets),
+    timesteps=time_major(timesteps.astype(jnp.int32)),
+    weights=time_major(_per_example(rollouts.advantages[order], num_kept)),
+    context=time_major(_per_example(rollouts.context[order], num_kept)),
+  )
+
+
+def make_examples(
+  model: models.DiffusionModel, rollouts: Rollouts, key: jax.Array, settings: UpdateSettings
+) -> Transitions | DenoisingExamples:
+  """The training pass's minibatches of the method: transitions, or RWR's denoising examples."""
+  if settings.is_rwr:
+    return make_denoising_examples(model, rollouts, key, settings)
+  return make_transitions(rollouts, key, settings)
 
 
 def optimizer_step(
@@ -234,7 +325,8 @@ def optimizer_step(
   """One optimiser step over the minibatches `transitions[index]`, then the EMA.
 
   Args:
-    transitions: the inner epoch's transitions, [num_updates, accumulation, M, ...].
+    transitions: the inner epoch's `Transitions` (or RWR's `DenoisingExamples`),
+      [num_updates, accumulation, M, ...].
     index: int scalar, which optimiser step of the inner epoch this is.
     base: the frozen base UNet params when `settings.needs_base`, else None.
     minibatch_sharding, params_sharding: where each minibatch and the summed

@@ -128,7 +128,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
   ):
     if not value > 0:
       raise ConfigError(f"config.{name}={value} must be > 0.")
+  _check_rwr(config)
   _check_beyond_ddpo(config, num_processes)
+  _check_eval(config, num_processes)
   if config.stat_tracking.per_prompt and not 1 <= config.stat_tracking.min_count <= config.stat_tracking.buffer_size:
     raise ConfigError(
       f"config.stat_tracking.min_count={config.stat_tracking.min_count} must be in "
@@ -166,6 +168,55 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
       )
   if workdir is not None:
     _check_workdir(workdir)
+
+
+def _check_rwr(config: ml_collections.ConfigDict) -> None:
+  """The RWR baselines' settings, and the options they do not combine with."""
+  t = config.train
+  if t.method not in objectives.RWR_METHODS:
+    return
+  if t.method == "rwr" and not t.rwr_temperature > 0:
+    raise ConfigError(
+      f"config.train.rwr_temperature={t.rwr_temperature} must be > 0 (in the reward's units, e.g. its std)."
+    )
+  if t.method == "rwr_sparse" and not 0 <= t.rwr_percentile < 100:
+    raise ConfigError(f"config.train.rwr_percentile={t.rwr_percentile} must be in [0, 100) (e.g. 90: the top 10%).")
+  if t.kl_coef > 0:
+    raise ConfigError(
+      f"config.train.kl_coef={t.kl_coef}: the KL regulariser acts on DDPO's transitions; RWR "
+      f"(config.train.method={t.method!r}) trains on denoising examples. Set kl_coef=0 or method='ddpo_is'."
+    )
+  if t.advantages != "stat_tracking":
+    raise ConfigError(
+      f"config.train.advantages={t.advantages!r}: RWR (config.train.method={t.method!r}) weights samples by "
+      "their rewards instead of advantages; leave config.train.advantages='stat_tracking'."
+    )
+
+
+def _check_eval(config: ml_collections.ConfigDict, num_processes: int) -> None:
+  """The held-out evaluation's settings (only when config.eval.every_epochs > 0)."""
+  e, batch_size = config.eval, config.sample.batch_size
+  if not isinstance(e.every_epochs, int) or e.every_epochs < 0:
+    raise ConfigError(f"config.eval.every_epochs={e.every_epochs!r} must be an integer >= 0 (0: no evaluation).")
+  if not e.every_epochs:
+    return
+  _check_factory("prompt function", "config.eval.prompt.name", e.prompt.name, prompts.registered())
+  if e.num_samples < 1 or e.num_samples % batch_size:
+    raise ConfigError(
+      f"config.eval.num_samples={e.num_samples} must be a positive multiple of config.sample.batch_size="
+      f"{batch_size} (the evaluation reuses the sampler); use e.g. {batch_size * max(1, e.num_samples // batch_size)}."
+    )
+  local = batch_size // max(num_processes, 1)
+  k = e.samples_per_prompt
+  if not isinstance(k, int) or k < 1 or local % k:
+    raise ConfigError(
+      f"config.eval.samples_per_prompt={k!r} must be an integer >= 1 that divides the {local} samples per "
+      f"process of config.sample.batch_size={batch_size}."
+    )
+  if not e.eta >= 0:
+    raise ConfigError(f"config.eval.eta={e.eta} must be >= 0 (0: deterministic DDIM).")
+  for name in e.rewards:
+    _check_factory("reward", "config.eval.rewards", name, rewards.registered())
 
 
 def _check_beyond_ddpo(config: ml_collections.ConfigDict, num_processes: int) -> None:

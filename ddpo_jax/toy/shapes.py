@@ -83,6 +83,26 @@ def all_scenes() -> list[Scene]:
   return [Scene(c, s, p, b) for c in COLOUR_NAMES for s in SHAPES for p in PATTERNS for b in COLOUR_NAMES if b != c]
 
 
+# Shape colour × shape pairs kept out of RL fine-tuning, to evaluate generalisation
+# to unseen combinations: every colour misses one shape, every shape one or two
+# colours (the pretrained model saw them all).
+HELDOUT_PAIRS = frozenset(
+  (colour, shape) for i, colour in enumerate(COLOUR_NAMES) for j, shape in enumerate(SHAPES) if (i + j) % 4 == 0
+)
+SPLITS = ("all", "train", "heldout")
+
+
+def scenes(split: str = "all") -> list[Scene]:
+  """`all_scenes()`, or those whose (colour, shape) is not ("train") or is
+  ("heldout") one of `HELDOUT_PAIRS`."""
+  if split not in SPLITS:
+    raise ValueError(f"toy-world split {split!r} is unknown; choose one of {SPLITS}.")
+  if split == "all":
+    return all_scenes()
+  heldout = split == "heldout"
+  return [s for s in all_scenes() if ((s.colour, s.shape) in HELDOUT_PAIRS) == heldout]
+
+
 def vocabulary() -> list[str]:
   """The words captions are made of (the toy tokenizer's whole-word tokens)."""
   return ["a", "an", "on", "background", *COLOUR_NAMES, *SHAPES, *PATTERNS]
