@@ -80,11 +80,13 @@ def run_variant(name: str, workdir: str, num_epochs: int, kl_coef: float | None 
   from ddpo_jax import train
 
   path = os.path.join(workdir, name)
-  done = os.path.exists(os.path.join(path, metrics.METRICS_FILE)) and len(metrics.read_metrics(path)) >= num_epochs
+  done = (
+    os.path.exists(os.path.join(path, metrics.METRICS_FILE)) and len(metrics.read_metrics(path, "train")) >= num_epochs
+  )
   if not done:
     logging.info("running %s in %s", name, path)
     train.train_and_evaluate(variant_config(name, num_epochs, kl_coef), path)
-  return metrics.read_metrics(path)[:num_epochs]
+  return metrics.read_metrics(path, "train")[:num_epochs]
 
 
 def comparison_figure(runs: dict[str, list[dict[str, Any]]]) -> Image.Image:

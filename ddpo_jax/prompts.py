@@ -153,6 +153,14 @@ def constant(prompt: str = "") -> PromptFn:
   return lambda rng, batch_size: [prompt] * batch_size
 
 
+@register("tfds")
+def tfds(**kwargs) -> PromptFn:
+  """A text feature of a TensorFlow Datasets dataset (the `tfds` extra); kwargs as in `tfds_prompts.tfds_prompts`."""
+  from ddpo_jax import tfds_prompts  # imports this module
+
+  return tfds_prompts.tfds_prompts(**kwargs)
+
+
 # Held-out sets.
 
 

@@ -676,6 +676,7 @@ def test_notebook_plots_and_shows_a_run(tmp_path, monkeypatch):
   with metrics.MetricWriter(str(tmp_path)) as writer:
     for epoch, mean in [(0, -1.2), (1, -1.1), (2, -9.0), (2, -1.0)]:  # epoch 2 twice: a resumed run
       writer.write_scalars(epoch, {"samples": 64 * (epoch + 1), "reward_mean": mean, "reward_std": 0.1})
+    writer.write_scalars(1, {"samples": 128, "reward_mean": 5.0, "reward_std": 0.0}, split="eval")  # not plotted
     for epoch in (0, 2):
       writer.write_images(epoch, "samples", np.zeros((2, 4, 4, 3), np.uint8), ["a", "b"])
 

@@ -28,17 +28,38 @@ CASES = [
   ("model.dtype", "float16", "config.model.dtype='float16'"),
   ("mesh.data", 3, "config.mesh.data x config.mesh.fsdp must equal the 8 devices"),
   ("train.learning_rate", 0.0, "config.train.learning_rate=0.0 must be > 0"),
+  ("eval.num_samples", 48, "config.eval.num_samples=48 must be a positive multiple of config.sample.batch_size=32"),
+  ("eval.samples_per_prompt", 3, "config.eval.samples_per_prompt=3 must be an integer >= 1 that divides"),
+  ("eval.prompt.name", "pets", "config.eval.prompt.name='pets' is not a registered prompt function"),
+  ("eval.rewards", ("jpeg_size",), "config.eval.rewards='jpeg_size' is not a registered reward"),
+  ("eval.eta", -1.0, "config.eval.eta=-1.0 must be >= 0"),
+  ("eval.every_epochs", -2, "config.eval.every_epochs=-2 must be an integer >= 0"),
 ]
 
 
 @pytest.mark.parametrize("setting,value,message", CASES)
 def test_invalid_setting_is_named(setting, value, message, tmp_path):
-  config = tiny()
-  section, name = setting.split(".")
-  config[section][name] = value
+  config = config_utils.override(tiny(), {setting: value})
   with pytest.raises(validation.ConfigError) as error:
     validation.validate(config, str(tmp_path), num_devices=8)
   assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+  "overrides,message",
+  [
+    ({"train.method": "rwr", "train.rwr_temperature": 0.0}, "config.train.rwr_temperature=0.0 must be > 0"),
+    ({"train.method": "rwr_sparse", "train.rwr_percentile": 100.0}, "config.train.rwr_percentile=100.0 must be in"),
+    ({"train.method": "rwr", "train.kl_coef": 0.1}, "RWR (config.train.method='rwr') trains on denoising examples"),
+    (
+      {"train.method": "rwr", "train.advantages": "group", "sample.group_size": 4},
+      "config.train.advantages='group': RWR",
+    ),
+  ],
+)
+def test_rwr_settings_are_named(overrides, message, tmp_path):
+  with pytest.raises(validation.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    validation.validate(config_utils.override(tiny(), overrides), str(tmp_path), num_devices=8)
 
 
 def test_score_function_needs_one_step_per_batch(tmp_path):
@@ -66,7 +87,14 @@ def test_unwritable_workdir(tmp_path):
 
 
 @pytest.mark.parametrize(
-  "spec", ["configs/compress.py", "configs/incompress.py", "configs/compress.py:tiny", "configs/incompress.py:tiny"]
+  "spec",
+  [
+    "configs/compress.py",
+    "configs/incompress.py",
+    "configs/compress.py:tiny",
+    "configs/incompress.py:tiny",
+    "configs/toy_alignment.py:tiny",
+  ],
 )
 def test_shipped_configs_are_valid(spec, tmp_path):
   config = config_utils.get_config(spec)
