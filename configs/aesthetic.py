@@ -23,6 +23,8 @@ def get_config(preset: str | None = None):
   # The CLIP tower (a Hub id, a local folder or "tiny-random") and its compute dtype.
   config.reward.kwargs = ml_collections.ConfigDict({"clip_model": "openai/clip-vit-large-patch14", "dtype": "float32"})
   config.prompt.name = "common_animals"
+  # Generalisation: animals never trained on.
+  config.eval.prompt.name = "uncommon_animals"
   config.num_epochs = 60
   if preset:
     base.apply_preset(config, preset)

@@ -31,6 +31,8 @@ base = config_utils.load_sibling(__file__, "base")
 def get_config(preset: str | None = None):
   config = base.get_config()
   config.prompt.name = "nouns_activities"
+  # Generalisation: the same animals doing an activity never trained on.
+  config.eval.prompt.name = "unseen_activity"
   config.reward.name = "prompt_alignment"
   config.reward.kwargs = ml_collections.ConfigDict(
     {"url": "http://127.0.0.1:8765", "timeout_seconds": 120.0, "max_retries": 5, "batch_size": 16}

@@ -453,7 +453,7 @@ def test_a_run_with_every_option(tiny_model_dir, tmp_path):
   )
   config.prompt.kwargs = {}  # the tiny preset's are the constant prompt's
   summary, state = train.train(config, str(tmp_path))
-  records = metrics.read_metrics(str(tmp_path))
+  records = metrics.read_metrics(str(tmp_path), "train")
   assert [r["epoch"] for r in records] == [0, 1]
   assert all(0 <= r["group_tied_fraction"] <= 1 and np.isfinite(r["kl_to_reference"]) for r in records)
   assert records[0]["kl_to_reference"] < 1e-9  # the first minibatch's policy is the reference

@@ -1,14 +1,12 @@
 """Several rewards at once, and rewards that fail: NaN, inf, a wrong shape or
 an exception, either stopping the run or dropped and counted."""
 
-import json
-import os
-
 import numpy as np
 import pytest
 
 from ddpo_jax import advantages
 from ddpo_jax import config_utils
+from ddpo_jax import metrics
 from ddpo_jax import rewards
 from ddpo_jax import train
 from ddpo_jax import validation
@@ -144,8 +142,7 @@ def test_a_run_with_three_rewards_one_invalid_on_some_prompts(tiny_model_dir, tm
   config.train.gradient_accumulation_steps = 2
   config.logging.images_every_epochs = 0
   summary = train.train_and_evaluate(config, str(tmp_path))
-  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
-    (record,) = [json.loads(line) for line in f]
+  (record,) = metrics.read_metrics(str(tmp_path), "train")
   assert summary["epoch"] == 0
   assert 0 < record["reward_invalid"] < 32  # the circles
   for key in ("reward_mean", "reward_jpeg_compressibility_mean", "reward_test_prompt_length_mean", "loss"):

@@ -96,7 +96,7 @@ def test_splits(data_dir):
 
 
 def test_deterministic_given_seed(data_dir):
-  fn = prompts.get("ddpo_jax.tfds_prompts:tfds_prompts", dataset=NAME, feature="captions/text", data_dir=data_dir)
+  fn = prompts.get("tfds", dataset=NAME, feature="captions/text", data_dir=data_dir)  # the registered name
   a = fn(np.random.default_rng(7), 16)
   assert a == fn(np.random.default_rng(7), 16)
   assert a != fn(np.random.default_rng(8), 16)
