@@ -125,6 +125,12 @@ PRESETS["test"] = dataclasses.replace(
   reference_minibatch=2,
 )
 PROMPT_TOKENS = 16
+# --attention values -> the UNet config fields they set.
+ATTENTION = {
+  "default": {"use_memory_efficient_attention": False, "split_head_dim": False},
+  "split_heads": {"use_memory_efficient_attention": False, "split_head_dim": True},
+  "memory_efficient": {"use_memory_efficient_attention": True, "split_head_dim": False},
+}
 
 
 def _torch_available() -> bool:
@@ -167,13 +173,24 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_enum(
     "attention",
     "default",
-    ["default", "memory_efficient"],
-    "diffusers' Flax attention: default (the full score matrix) or memory_efficient (chunked).",
+    list(ATTENTION),
+    "diffusers' Flax attention: default (the full score matrix, heads moved to the batch axis), split_heads "
+    "(split_head_dim: heads kept as an axis, no transposes) or memory_efficient (chunked, never the full matrix).",
     flag_values=flag_values,
   )
   flags.DEFINE_string("xla_flags", "", "Appended to XLA_FLAGS before jax starts.", flag_values=flag_values)
   flags.DEFINE_string(
     "compilation_cache_dir", "", "jax's persistent compilation cache (empty: off).", flag_values=flag_values
+  )
+  flags.DEFINE_string(
+    "omp_wait_policy",
+    "PASSIVE",
+    "OMP_WAIT_POLICY of torch's OpenMP threads (empty: the library's default). On a shared machine the default "
+    "spinning makes the reference 5-8x slower (measured: tiny rollout 26-33 s against 3.5 s passive).",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+    "torch_threads", 0, "torch.set_num_threads for the reference; 0: torch's default.", flag_values=flag_values
   )
   flags.DEFINE_integer(
     "matmul_size", 2048, "n of the n x n matmul that measures the peak FLOP/s.", flag_values=flag_values
@@ -208,12 +225,11 @@ def build_model(size: str, config, dtype: str, attention: str, seed: int = 0):
 
   from ddpo_jax import models
 
-  memory_efficient = attention == "memory_efficient"
   if size == "config":
     from ddpo_jax import architectures
 
     configs = architectures.component_configs(config.model.name)
-    configs["unet"] = dict(configs["unet"], use_memory_efficient_attention=memory_efficient)
+    configs["unet"] = dict(configs["unet"], **ATTENTION[attention])
     model = architectures.build_modules(configs, dtype)
     shapes = architectures.abstract_params(model)
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(jax.tree.leaves(shapes))))
@@ -223,7 +239,7 @@ def build_model(size: str, config, dtype: str, attention: str, seed: int = 0):
 
   preset = PRESETS[size]
   tokenizer = models.build_tokenizer(toy_shapes.vocabulary(), tempfile.mkdtemp(), max_length=PROMPT_TOKENS)
-  unet = dict(preset.unet, use_memory_efficient_attention=memory_efficient, dtype=np.dtype(dtype))
+  unet = dict(preset.unet, dtype=np.dtype(dtype), **ATTENTION[attention])
   model, params = models.build(unet, dict(preset.vae, dtype=np.dtype(dtype)), preset.text, tokenizer, seed)
   return model, params
 
@@ -262,7 +278,7 @@ class Setup:
       "num_steps": self.num_steps,
       "guidance_scale": float(self.config.sample.guidance_scale),
       "dtype": str(self.config.model.dtype),
-      "attention": "memory_efficient" if self.model.unet.use_memory_efficient_attention else "default",
+      "attention": [k for k, v in ATTENTION.items() if all(getattr(self.model.unet, f) == x for f, x in v.items())][0],
       "device": jax.devices()[0].device_kind,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),

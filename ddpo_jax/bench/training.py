@@ -60,7 +60,10 @@ def main(argv):
     runs["reference"] = lambda: reference.train_inner_epoch(ref, optimizer, *host, host_negative, advantages, **kwargs)
   seconds = speed.interleaved(runs, speed.FLAGS.repeats, speed.FLAGS.warmup)
   num_minibatches = s.trainer.num_updates * s.config.train.gradient_accumulation_steps
-  flops = speed.minibatch_flops(s, transitions, negative_context) * num_minibatches
+  if s.trainer.settings.unroll_accumulation:  # the step's cost analysis counts every minibatch
+    flops = speed.flops_of(step) * s.trainer.num_updates
+  else:  # XLA's cost analysis counts a loop's body once
+    flops = speed.minibatch_flops(s, transitions, negative_context) * num_minibatches
   num_transitions = s.batch_size * s.num_steps
   records = {}
   for name, values in seconds.items():
