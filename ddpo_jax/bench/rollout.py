@@ -60,5 +60,12 @@ def main(argv):
       record.update(torch_threads=reference.num_threads(), **speed.flops_fields(flops, median, peak))
     records[name] = record
     speed.emit(record)
+  if speed.FLAGS.compile_steps:
+    steps = [int(n) for n in speed.FLAGS.compile_steps]
+    by_steps = speed.compile_seconds_by_steps(s, args, steps, max(1, speed.FLAGS.repeats))
+    record = dict(s.describe(), bench="compile", impl="ddpo_jax", what="sampler: lower + compile, per step count")
+    record.update({f"compile_s_{n}_steps": speed.median(v) for n, v in by_steps.items()})
+    record[f"ratio_{steps[-1]}_to_{steps[0]}"] = speed.median(by_steps[steps[-1]]) / speed.median(by_steps[steps[0]])
+    speed.emit(record)
   if "reference" in records:
     speed.emit(speed.ratio_record("rollout", records["ours"], records["reference"], ["images_per_s", "steps_per_s"]))

@@ -182,6 +182,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string(
     "compilation_cache_dir", "", "jax's persistent compilation cache (empty: off).", flag_values=flag_values
   )
+  flags.DEFINE_list(
+    "compile_steps",
+    [],
+    "rollout: also compile the sampler for these step counts (e.g. 10,50), alternately, and report each's seconds.",
+    flag_values=flag_values,
+  )
   flags.DEFINE_string(
     "omp_wait_policy",
     "PASSIVE",
@@ -443,6 +449,25 @@ def ratio_record(bench: str, ours: dict[str, Any], ref: dict[str, Any], keys: li
 # ----------------------------------------------------------------------------
 
 
+def compile_seconds_by_steps(s: Setup, args, steps: list[int], repeats: int) -> dict[int, list[float]]:
+  """Seconds of lowering and compiling the sampler for each step count, the counts alternating."""
+  import dataclasses as dc
+
+  import jax
+
+  from ddpo_jax import sampling
+
+  params, _, token_ids, negative_ids, key = args
+  seconds = {n: [] for n in steps}
+  for _ in range(repeats):
+    for n in steps:
+      settings = dc.replace(s.trainer.sampler_settings, num_steps=n)
+      jax.clear_caches()
+      sampler = sampling.make_sampler(s.model, settings)
+      seconds[n].append(compile_ahead(sampler, params, token_ids, negative_ids, key)[1])
+  return seconds
+
+
 def sampler_args(s: Setup, seed: int = 0):
   import jax
 
@@ -548,17 +573,17 @@ def check_against_reference(s: Setup, ref, trajectory, context, negative_context
     advantages=np.zeros(len(rows), np.float32),
     context=np.asarray(context)[rows],
   )
-  ours = jax.jit(lambda p, m, n: update.transition_log_probs(s.model, p, m, n, s.trainer.sampler_settings))(
-    s.params["unet"], minibatch, negative_context
-  )
-  theirs = reference.transition_log_probs(
-    ref,
-    minibatch.latents,
-    minibatch.next_latents,
-    timesteps,
-    minibatch.context,
-    np.asarray(negative_context),
-    **reference_kwargs(s),
+  log_probs = jax.jit(lambda p, m, n: update.transition_log_probs(s.model, p, m, n, s.trainer.sampler_settings))
+  # In chunks of a sampling batch: all B x T transitions at once would hold T times the rollout's attention scores.
+  chunks = [jax.tree.map(lambda x, i=i: x[i : i + batch], minibatch) for i in range(0, len(rows), batch)]
+  ours = np.concatenate([np.asarray(log_probs(s.params["unet"], c, negative_context)) for c in chunks])
+  theirs = np.concatenate(
+    [
+      reference.transition_log_probs(
+        ref, c.latents, c.next_latents, c.timesteps, c.context, np.asarray(negative_context), **reference_kwargs(s)
+      )
+      for c in chunks
+    ]
   )
   diff = np.abs(np.asarray(ours) - theirs)
   ref_images = reference.decode(ref, latents[:, -1])
