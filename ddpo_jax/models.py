@@ -363,7 +363,7 @@ _UNET_BLOCKS = (
   "FlaxCrossAttnUpBlock2D",
   "FlaxUpBlock2D",
 )
-_remat_lock = threading.Lock()
+_remat_lock = threading.RLock()  # re-entrant: the attention and remat patches nest
 
 
 @contextlib.contextmanager
@@ -389,6 +389,58 @@ def _rematerialised_unet_blocks():
         setattr(unet_module, name, block)
 
 
+# Queries per chunk of `chunked_attention` (0: diffusers' own attention).
+QUERY_CHUNK = int(os.environ.get("DDPO_JAX_QUERY_CHUNK", "16"))
+
+
+def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, chunk: int) -> jax.Array:
+  """softmax(q kᵀ · scale) v, `chunk` queries at a time: [B, T, H, D] from q [B, T, H, D], k, v [B, S, H, D].
+
+  The heads stay an axis of their own (no transposes into the batch) and each
+  chunk's scores [B, H, chunk, S] stay in cache, where diffusers' attention
+  writes and reads all [B·H, T, S] scores at once: on CPU the attention of
+  the tiny UNet's 16x16 latents (T = S = 256, 8 heads of 4) took more than
+  half of its forward pass.
+  """
+  batch, length = query.shape[:2]
+
+  def attend(q):  # [B, c, H, D] -> [B, c, H, D]
+    scores = jnp.einsum("bqhd,bshd->bhqs", q, key) * scale
+    return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(scores, axis=-1), value)
+
+  if not chunk or length <= chunk or length % chunk:
+    return attend(query)
+  chunks = query.reshape((batch, length // chunk, chunk) + query.shape[2:]).swapaxes(0, 1)
+  return jax.lax.map(attend, chunks).swapaxes(0, 1).reshape(query.shape)
+
+
+@contextlib.contextmanager
+def _chunked_attention_modules(chunk: int):
+  """While active, UNets set up (at apply time) use `chunked_attention` in
+  their attention layers: the same params (the subclass keeps diffusers'
+  setup: to_q, to_k, to_v, to_out_0) and outputs equal within float rounding."""
+  from diffusers.models import attention_flax
+
+  original = attention_flax.FlaxAttention
+
+  class ChunkedAttention(original):
+    def __call__(self, hidden_states, context=None, deterministic=True):
+      context = hidden_states if context is None else context
+      split = lambda x: x.reshape(x.shape[:2] + (self.heads, self.dim_head))
+      out = chunked_attention(
+        split(self.query(hidden_states)), split(self.key(context)), split(self.value(context)), self.scale, chunk
+      )
+      out = self.proj_attn(out.reshape(out.shape[:2] + (-1,)))
+      return self.dropout_layer(out, deterministic=deterministic)
+
+  with _remat_lock:
+    attention_flax.FlaxAttention = ChunkedAttention
+    try:
+      yield
+    finally:
+      attention_flax.FlaxAttention = original
+
+
 def predict_noise(
   model: DiffusionModel,
   unet_params: Params,
@@ -403,9 +455,11 @@ def predict_noise(
   about one more forward pass of compute).
   """
   apply = lambda: model.unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), context).sample
-  if not remat:
-    return apply()
-  with _rematerialised_unet_blocks():
+  with contextlib.ExitStack() as stack:
+    if QUERY_CHUNK and not getattr(model.unet, "use_memory_efficient_attention", False):
+      stack.enter_context(_chunked_attention_modules(QUERY_CHUNK))
+    if remat:
+      stack.enter_context(_rematerialised_unet_blocks())
     return apply()
 
 

@@ -79,3 +79,33 @@ def test_pytorch_weights_are_converted(tiny_model_dir, tmp_path):
       torch.from_numpy(latents), torch.from_numpy(timesteps), torch.from_numpy(context)
     ).sample.numpy()
   np.testing.assert_allclose(ours, reference, atol=2e-4 * np.abs(reference).max())
+
+
+def test_chunked_attention_matches_numpy():
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((2, 64, 3, 4)).astype(np.float32)
+  k, v = rng.standard_normal((2, 2, 10, 3, 4)).astype(np.float32)
+  scores = np.einsum("bqhd,bshd->bhqs", q, k) * 0.5
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  expected = np.einsum("bhqs,bshd->bqhd", probs / probs.sum(-1, keepdims=True), v)
+  for chunk in (0, 16, 64, 48):  # 48 does not divide 64: one chunk
+    np.testing.assert_allclose(models.chunked_attention(q, k, v, 0.5, chunk), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unet_with_chunked_attention_equals_diffusers(tiny_loaded, monkeypatch):
+  """The UNet's output with the chunked attention layers equals diffusers' own (same params)."""
+  model, params = tiny_loaded
+  rng = np.random.default_rng(0)
+  size = (4, model.latent_channels, model.latent_size, model.latent_size)
+  latents = rng.standard_normal(size).astype(np.float32)
+  context = rng.standard_normal((4, model.max_prompt_tokens, model.text_hidden_size)).astype(np.float32)
+  calls = []
+  original = models.chunked_attention
+  monkeypatch.setattr(models, "chunked_attention", lambda *args: calls.append(args[-1]) or original(*args))
+  outputs = {}
+  for chunk in (0, 4):
+    monkeypatch.setattr(models, "QUERY_CHUNK", chunk)
+    outputs[chunk] = np.asarray(models.predict_noise(model, params["unet"], latents, np.full(4, 500), context))
+  np.testing.assert_allclose(outputs[4], outputs[0], rtol=1e-5, atol=1e-5)
+  assert calls and set(calls) == {4}  # chunk 0 used diffusers' layers, chunk 4 ours
+  assert model.latent_size**2 > 4  # more queries than a chunk: the chunked path
