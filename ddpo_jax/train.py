@@ -135,6 +135,7 @@ class Trainer:
       )
     self.params_sharding = {"unet": self.unet_sharding, "vae": replicated, "text_encoder": replicated}
 
+    self._sample = self._sampler(self.sampler_settings)  # the memory report traces it
     self.sample_fn = self._jit_sampler(self.sampler_settings)
     rollouts_sharding = update.Rollouts(
       latents=batch, log_probs=batch, timesteps=replicated, context=batch, advantages=batch
@@ -219,17 +220,21 @@ class Trainer:
     """
     return self.unet_fn(trained, base)
 
-  def _jit_sampler(self, settings: sampling.SamplerSettings):
-    """`sampling.sample` with `settings`, jitted for this mesh:
+  def _sampler(self, settings: sampling.SamplerSettings):
+    """`sampling.sample` with `settings` as a pure function (not jitted):
     (params, base, token_ids, negative_token_ids, key) -> (trajectory, context, images)."""
 
     def sample(params, base, token_ids, negative_token_ids, key):
       unet = update.unet_params(params["unet"], base, self.settings)
       return sampling.sample(self.model, dict(params, unet=unet), token_ids, negative_token_ids, key, settings)
 
+    return sample
+
+  def _jit_sampler(self, settings: sampling.SamplerSettings):
+    """`_sampler(settings)` jitted for this mesh."""
     batch = self.batch_sharding
     return jax.jit(
-      sample,
+      self._sampler(settings),
       in_shardings=(self.params_sharding, self.base_sharding, batch, self.replicated, self.replicated),
       out_shardings=(sampling.Trajectory(latents=batch, log_probs=batch, timesteps=self.replicated), batch, batch),
     )
