@@ -404,6 +404,9 @@ def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale:
   """
   batch, length = query.shape[:2]
 
+  # Rematerialised: the backward pass recomputes a chunk's scores instead of
+  # keeping every chunk's (which would be the full [B, H, T, S] again).
+  @jax.checkpoint
   def attend(q):  # [B, c, H, D] -> [B, c, H, D]
     scores = jnp.einsum("bqhd,bshd->bhqs", q, key) * scale
     return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(scores, axis=-1), value)
