@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpo_jax import attention
+
 # The shipped toy-world model: `model.name = TOY_MODEL` selects it.
 TOY_MODEL = "toy-world"
 TOY_MODEL_DIR = os.path.join(os.path.dirname(__file__), "toy", "model")
@@ -389,55 +391,45 @@ def _rematerialised_unet_blocks():
         setattr(unet_module, name, block)
 
 
-# Queries per chunk of `chunked_attention` (0: diffusers' own attention).
-QUERY_CHUNK = int(os.environ.get("DDPO_JAX_QUERY_CHUNK", "16"))
+def attention_block_bytes() -> int:
+  """Bytes of scores per block of our attention layers (`ddpo_jax.attention`); 0: diffusers' own.
 
-
-def chunked_attention(query: jax.Array, key: jax.Array, value: jax.Array, scale: float, chunk: int) -> jax.Array:
-  """softmax(q kᵀ · scale) v, `chunk` queries at a time: [B, T, H, D] from q [B, T, H, D], k, v [B, S, H, D].
-
-  The heads stay an axis of their own (no transposes into the batch) and each
-  chunk's scores [B, H, chunk, S] stay in cache, where diffusers' attention
-  writes and reads all [B·H, T, S] scores at once: on CPU the attention of
-  the tiny UNet's 16x16 latents (T = S = 256, 8 heads of 4) took more than
-  half of its forward pass.
+  $DDPO_JAX_ATTENTION_BLOCK_MB sets it (0 for diffusers' layers); by default
+  4 MB on the CPU, where blocking wins (see ddpo_jax/attention.py), and 0 on
+  accelerators, where XLA's fused attention of diffusers' layers is kept.
   """
-  batch, length = query.shape[:2]
-
-  # Rematerialised: the backward pass recomputes a chunk's scores instead of
-  # keeping every chunk's (which would be the full [B, H, T, S] again).
-  @jax.checkpoint
-  def attend(q):  # [B, c, H, D] -> [B, c, H, D]
-    scores = jnp.einsum("bqhd,bshd->bhqs", q, key) * scale
-    return jnp.einsum("bhqs,bshd->bqhd", jax.nn.softmax(scores, axis=-1), value)
-
-  if not chunk or length <= chunk or length % chunk:
-    return attend(query)
-  chunks = query.reshape((batch, length // chunk, chunk) + query.shape[2:]).swapaxes(0, 1)
-  return jax.lax.map(attend, chunks).swapaxes(0, 1).reshape(query.shape)
+  setting = os.environ.get("DDPO_JAX_ATTENTION_BLOCK_MB", "auto")
+  if setting == "auto":
+    return 4 * 2**20 if jax.default_backend() == "cpu" else 0
+  try:
+    return int(float(setting) * 2**20)
+  except ValueError:
+    raise ValueError(
+      f"DDPO_JAX_ATTENTION_BLOCK_MB={setting!r} must be a number of MB (0: diffusers' attention) or 'auto'"
+    ) from None
 
 
 @contextlib.contextmanager
-def _chunked_attention_modules(chunk: int):
-  """While active, UNets set up (at apply time) use `chunked_attention` in
+def _blocked_attention_modules(block_bytes: int):
+  """While active, UNets set up (at apply time) use `blocked_attention` in
   their attention layers: the same params (the subclass keeps diffusers'
   setup: to_q, to_k, to_v, to_out_0) and outputs equal within float rounding."""
   from diffusers.models import attention_flax
 
   original = attention_flax.FlaxAttention
 
-  class ChunkedAttention(original):
+  class BlockedAttention(original):
     def __call__(self, hidden_states, context=None, deterministic=True):
       context = hidden_states if context is None else context
       split = lambda x: x.reshape(x.shape[:2] + (self.heads, self.dim_head))
-      out = chunked_attention(
-        split(self.query(hidden_states)), split(self.key(context)), split(self.value(context)), self.scale, chunk
+      out = attention.blocked_attention(
+        split(self.query(hidden_states)), split(self.key(context)), split(self.value(context)), self.scale, block_bytes
       )
       out = self.proj_attn(out.reshape(out.shape[:2] + (-1,)))
       return self.dropout_layer(out, deterministic=deterministic)
 
   with _remat_lock:
-    attention_flax.FlaxAttention = ChunkedAttention
+    attention_flax.FlaxAttention = BlockedAttention
     try:
       yield
     finally:
@@ -459,8 +451,9 @@ def predict_noise(
   """
   apply = lambda: model.unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), context).sample
   with contextlib.ExitStack() as stack:
-    if QUERY_CHUNK and not getattr(model.unet, "use_memory_efficient_attention", False):
-      stack.enter_context(_chunked_attention_modules(QUERY_CHUNK))
+    block_bytes = attention_block_bytes()
+    if block_bytes and not getattr(model.unet, "use_memory_efficient_attention", False):
+      stack.enter_context(_blocked_attention_modules(block_bytes))
     if remat:
       stack.enter_context(_rematerialised_unet_blocks())
     return apply()

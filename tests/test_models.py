@@ -2,7 +2,9 @@
 
 import jax
 import numpy as np
+import pytest
 
+from ddpo_jax import attention
 from ddpo_jax import models
 from ddpo_jax.toy import shapes
 
@@ -81,31 +83,72 @@ def test_pytorch_weights_are_converted(tiny_model_dir, tmp_path):
   np.testing.assert_allclose(ours, reference, atol=2e-4 * np.abs(reference).max())
 
 
-def test_chunked_attention_matches_numpy():
-  rng = np.random.default_rng(0)
-  q = rng.standard_normal((2, 64, 3, 4)).astype(np.float32)
-  k, v = rng.standard_normal((2, 2, 10, 3, 4)).astype(np.float32)
-  scores = np.einsum("bqhd,bshd->bhqs", q, k) * 0.5
+def _numpy_attention(q, k, v, scale):
+  scores = np.einsum("bqhd,bshd->bhqs", q, k) * scale
   probs = np.exp(scores - scores.max(-1, keepdims=True))
-  expected = np.einsum("bhqs,bshd->bqhd", probs / probs.sum(-1, keepdims=True), v)
-  for chunk in (0, 16, 64, 48):  # 48 does not divide 64: one chunk
-    np.testing.assert_allclose(models.chunked_attention(q, k, v, 0.5, chunk), expected, rtol=1e-5, atol=1e-6)
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bhqs,bshd->bqhd", probs, v), probs
 
 
-def test_unet_with_chunked_attention_equals_diffusers(tiny_loaded, monkeypatch):
-  """The UNet's output with the chunked attention layers equals diffusers' own (same params)."""
+def _numpy_attention_grads(q, k, v, d_out, scale):
+  """dq, dk, dv of sum(out * d_out) by the chain rule through softmax, in NumPy."""
+  _, probs = _numpy_attention(q, k, v, scale)
+  dv = np.einsum("bhqs,bqhd->bshd", probs, d_out)
+  d_probs = np.einsum("bqhd,bshd->bhqs", d_out, v)
+  d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdims=True)) * scale
+  return np.einsum("bhqs,bshd->bqhd", d_scores, k), np.einsum("bhqs,bqhd->bshd", d_scores, q), dv
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 10, 3, 4), (6, 64, 64, 2, 4)])
+def test_blocked_attention_and_gradients_match_numpy(shape):
+  batch, length, num_keys, heads, depth = shape
+  rng = np.random.default_rng(0)
+  q, d_out = rng.standard_normal((2, batch, length, heads, depth))
+  k, v = rng.standard_normal((2, batch, num_keys, heads, depth))
+  expected = _numpy_attention(q, k, v, 0.5)[0]
+  expected_grads = _numpy_attention_grads(q, k, v, d_out, 0.5)
+  one_query, one_example = heads * num_keys * 4, heads * num_keys * length * 4
+  blocks = {0: (1, 1), one_query: (1, 1), 8 * one_query: (1, 8), 2 * one_example: (2, length), 1 << 30: None}
+  f32 = lambda *xs: [x.astype(np.float32) for x in xs]
+  for block_bytes, layout in blocks.items():
+    if layout:  # whole examples, chunks of queries, or (0) everything in one block
+      assert attention.attention_blocks((batch, length, heads), num_keys, block_bytes) == layout
+    out = jax.jit(attention.blocked_attention, static_argnums=(3, 4))(*f32(q, k, v), 0.5, block_bytes)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    loss = lambda q, k, v, b=block_bytes: (
+      attention.blocked_attention(q, k, v, 0.5, b) * d_out.astype(np.float32)
+    ).sum()
+    for got, want in zip(jax.grad(loss, (0, 1, 2))(*f32(q, k, v)), expected_grads):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
+def test_unet_with_blocked_attention_equals_diffusers(tiny_loaded, monkeypatch):
+  """The UNet's output and gradient with our attention layers equal diffusers' own (same params)."""
   model, params = tiny_loaded
   rng = np.random.default_rng(0)
   size = (4, model.latent_channels, model.latent_size, model.latent_size)
   latents = rng.standard_normal(size).astype(np.float32)
   context = rng.standard_normal((4, model.max_prompt_tokens, model.text_hidden_size)).astype(np.float32)
   calls = []
-  original = models.chunked_attention
-  monkeypatch.setattr(models, "chunked_attention", lambda *args: calls.append(args[-1]) or original(*args))
-  outputs = {}
-  for chunk in (0, 4):
-    monkeypatch.setattr(models, "QUERY_CHUNK", chunk)
-    outputs[chunk] = np.asarray(models.predict_noise(model, params["unet"], latents, np.full(4, 500), context))
-  np.testing.assert_allclose(outputs[4], outputs[0], rtol=1e-5, atol=1e-5)
-  assert calls and set(calls) == {4}  # chunk 0 used diffusers' layers, chunk 4 ours
-  assert model.latent_size**2 > 4  # more queries than a chunk: the chunked path
+  original = attention.blocked_attention
+  monkeypatch.setattr(attention, "blocked_attention", lambda *args: calls.append(args[-1]) or original(*args))
+  predict = lambda p: models.predict_noise(model, p, latents, np.full(4, 500), context)
+  outputs, grads = {}, {}
+  for setting in ("0", "0.001"):  # 0: diffusers' layers; 1 kB: blocks of a few queries
+    monkeypatch.setenv("DDPO_JAX_ATTENTION_BLOCK_MB", setting)
+    outputs[setting] = np.asarray(predict(params["unet"]))
+    grads[setting] = jax.grad(lambda p: (predict(p) ** 2).mean())(params["unet"])
+  np.testing.assert_allclose(outputs["0.001"], outputs["0"], rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads["0.001"]), jax.tree.leaves(grads["0"])):
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max() + 1e-7)
+  assert calls and set(calls) == {int(0.001 * 2**20)}  # "0" used diffusers' layers, "0.001" ours
+
+
+def test_attention_block_setting(monkeypatch):
+  monkeypatch.delenv("DDPO_JAX_ATTENTION_BLOCK_MB", raising=False)
+  assert models.attention_block_bytes() == (4 << 20 if jax.default_backend() == "cpu" else 0)
+  monkeypatch.setenv("DDPO_JAX_ATTENTION_BLOCK_MB", "0.5")
+  assert models.attention_block_bytes() == 1 << 19
+  monkeypatch.setenv("DDPO_JAX_ATTENTION_BLOCK_MB", "big")
+  with pytest.raises(ValueError, match="DDPO_JAX_ATTENTION_BLOCK_MB"):
+    models.attention_block_bytes()

@@ -274,6 +274,7 @@ class Setup:
     import jax
 
     from ddpo_jax import architectures
+    from ddpo_jax import models
 
     return {
       "size": self.size,
@@ -285,6 +286,8 @@ class Setup:
       "guidance_scale": float(self.config.sample.guidance_scale),
       "dtype": str(self.config.model.dtype),
       "attention": [k for k, v in ATTENTION.items() if all(getattr(self.model.unet, f) == x for f, x in v.items())][0],
+      # Our blocked attention's block (0: diffusers' layers); $DDPO_JAX_ATTENTION_BLOCK_MB sets it.
+      "attention_block_mb": models.attention_block_bytes() / 2**20,
       "device": jax.devices()[0].device_kind,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
