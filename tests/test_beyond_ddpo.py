@@ -8,6 +8,7 @@ group) is compiled once for the module and stepped a few times.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ddpo_jax import advantages
@@ -221,11 +222,15 @@ def test_kl_term_of_the_loss(tiny_loaded, tiny_model_dir):
   np.testing.assert_allclose(float(metrics["kl_to_reference"]), expected, rtol=1e-4)
   np.testing.assert_allclose(float(loss), float(policy) + 0.5 * expected, rtol=1e-5)
 
-  # At the reference, with zero advantages (no policy gradient): KL 0 and gradient 0.
+  # At the reference, with zero advantages (no policy gradient): KL and gradient 0, up to the
+  # float32 rounding of two compilations of the same UNet pass (the policy's runs the attention's
+  # forward rule that keeps residuals, the reference's does not), against the 0.01-perturbed params.
   zero = minibatch.replace(advantages=jnp.zeros_like(minibatch.advantages))
+  _, moved_metrics, moved_grads, _, _ = evaluate(moved, zero, base)
   loss, metrics, grads, _, _ = evaluate(base, zero, base)
-  assert float(metrics["kl_to_reference"]) == 0.0 and float(loss) == 0.0
-  assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads))
+  moved_kl = float(moved_metrics["kl_to_reference"])
+  assert abs(float(metrics["kl_to_reference"])) < 1e-4 * moved_kl and abs(float(loss)) < 1e-4 * moved_kl
+  assert float(optax.tree.norm(grads)) < 1e-3 * float(optax.tree.norm(moved_grads))
 
 
 # ---------------------------------------------------------------------------
@@ -377,10 +382,11 @@ def test_only_adapters_are_trained_and_checkpointed(options):
 def test_kl_and_gradient_vanish_at_the_reference(options):
   first, second, third = options["metrics"]
   # Step 1 (B = 0: the policy is the reference; zero advantages). Unsharded
-  # the KL and its gradient are exactly 0 (test_kl_term_of_the_loss); on
+  # the KL and its gradient vanish (test_kl_term_of_the_loss); on
   # the 2x4 FSDP mesh the policy's and the reference's UNet passes are
-  # partitioned differently and differ in the last bits (KL ~2e-11 measured).
-  assert np.all(first["kl_to_reference"] < 1e-9)
+  # partitioned differently and differ in the last bits (KL ~2e-11 measured;
+  # ~1e-9 with the blocked attention, whose policy pass also keeps residuals).
+  assert np.all(first["kl_to_reference"] < 1e-4 * third["kl_to_reference"].min())
   assert first["grad_norm"][0] < 1e-3 * second["grad_norm"][0]
   assert np.all(third["kl_to_reference"] > 0) and np.all(np.isfinite(third["loss"]))
 
@@ -456,7 +462,8 @@ def test_a_run_with_every_option(tiny_model_dir, tmp_path):
   records = metrics.read_metrics(str(tmp_path), "train")
   assert [r["epoch"] for r in records] == [0, 1]
   assert all(0 <= r["group_tied_fraction"] <= 1 and np.isfinite(r["kl_to_reference"]) for r in records)
-  assert records[0]["kl_to_reference"] < 1e-9  # the first minibatch's policy is the reference
+  # The first minibatch's policy is the reference: its KL is float32 rounding (~1e-9), far below a trained one.
+  assert records[0]["kl_to_reference"] < 1e-3 * records[1]["kl_to_reference"]
   assert np.isfinite(summary["ema_reward_mean"])
   assert (tmp_path / "images" / "samples_ema_00001.png").exists()
   assert all(p.endswith(("lora_a", "lora_b")) for p in flat(state.params))
