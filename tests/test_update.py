@@ -216,3 +216,52 @@ def test_training_compiles_once(setup):
   assert metrics["loss"].shape == (trainer.num_updates, 2)
   assert trainer.transitions_fn._cache_size() == 1
   assert trainer.step_fn._cache_size() == 1
+
+
+def test_after_keeps_values_and_adds_a_dependency():
+  tree = {"x": jnp.array([-0.0, 1.5, -2.0]), "ids": jnp.array([1, 2], jnp.int32)}
+  token = {"g": jnp.array([[3.0, 4.0]])}
+  out = update.after(tree, token)
+  np.testing.assert_array_equal(out["x"], tree["x"])
+  np.testing.assert_array_equal(out["ids"], tree["ids"])
+  jaxpr = jax.make_jaxpr(update.after)(tree, token).jaxpr
+  token_var = jaxpr.invars[-1]
+  assert any(token_var in eqn.invars for eqn in jaxpr.eqns)  # the token is read
+
+
+def step_for_accumulation(setup, accumulation, unroll):
+  """(compiled optimiser step over 64 transitions in `accumulation` minibatches, its arguments)."""
+  config, model, params, _, trajectory, context, _ = setup
+  config = config.copy_and_resolve_references()
+  config.train.batch_size = 64 // accumulation
+  config.train.gradient_accumulation_steps = accumulation
+  config.train.adam_eps, config.train.learning_rate = 1.0, 1.0  # an update linear in g (comparable_update)
+  trainer = train.Trainer(config, model, sharding.make_mesh(1, 1, jax.devices()[:1]), params)
+  trainer.settings = trainer.settings.replace(unroll_accumulation=unroll)
+  step = jax.jit(
+    lambda state, transitions, negative: update.optimizer_step(
+      model, trainer.optimizer, state, transitions, 0, negative, settings=trainer.settings
+    )
+  )
+  rollouts = jax.device_put(jax.device_get(rollouts_of(trajectory, context, np.linspace(-1, 1, 16))))
+  args = (
+    trainer.init_state(params),
+    trainer.transitions_fn(rollouts, jax.random.PRNGKey(3)),
+    trainer.negative_context(params),
+  )
+  return step.lower(*args).compile(), args
+
+
+def test_unrolled_accumulation_equals_the_loop_and_runs_minibatches_in_turn(setup):
+  """The CPU's unrolled accumulation computes what lax.scan does, and keeps one
+  minibatch's activations at a time (XLA would otherwise run all forward passes first)."""
+  unrolled, args = step_for_accumulation(setup, 4, unroll=True)
+  looped, _ = step_for_accumulation(setup, 4, unroll=False)
+  (state_a, metrics_a), (state_b, metrics_b) = unrolled(*args), looped(*args)
+  np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(metrics_a["grad_norm"], metrics_b["grad_norm"], rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-6)
+  one_minibatch, _ = step_for_accumulation(setup, 1, unroll=True)
+  per_minibatch = one_minibatch.memory_analysis().temp_size_in_bytes  # a minibatch of 64, not 16
+  assert unrolled.memory_analysis().temp_size_in_bytes < 0.6 * per_minibatch
