@@ -324,7 +324,7 @@ def after(tree, token):
   propagate, but then the accumulated gradient is already NaN.
   """
   leaf = jax.tree.leaves(token)[0]
-  zero = leaf.reshape(-1)[0] * 0
+  zero = leaf[(0,) * leaf.ndim] * 0  # an element, not a reshape: a sharded leaf is not gathered
   add = lambda x: x + zero.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
   return jax.tree.map(add, tree)
 

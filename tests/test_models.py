@@ -111,7 +111,7 @@ def test_blocked_attention_and_gradients_match_numpy(shape):
   blocks = {0: (1, 1), one_query: (1, 1), 8 * one_query: (1, 8), 2 * one_example: (2, length), 1 << 30: None}
   f32 = lambda *xs: [x.astype(np.float32) for x in xs]
   for block_bytes, layout in blocks.items():
-    if layout:  # whole examples, chunks of queries, or (0) everything in one block
+    if layout:  # one query, chunks of queries, whole examples; 1 GB: everything in one block
       assert attention.attention_blocks((batch, length, heads), num_keys, block_bytes) == layout
     out = jax.jit(attention.blocked_attention, static_argnums=(3, 4))(*f32(q, k, v), 0.5, block_bytes)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
