@@ -28,6 +28,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.model.from_pt = False
   # Compute dtype of the modules: "float32" or "bfloat16" (params stay float32).
   config.model.dtype = "float32"
+  # MB of float32 attention scores per block of ddpo_jax's blocked attention in the UNet's
+  # attention layers ("0": diffusers' own layers). "auto": 4 on the CPU, where blocking is
+  # faster, 0 on accelerators; config.json records the resolved value.
+  config.model.attention_block_mb = "auto"
 
   config.mesh = ml_collections.ConfigDict()
   # Devices along the data-parallel axis; -1 means all that the fsdp axis leaves.
@@ -40,6 +44,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.mesh.partition_rules = ((r".*", "fsdp"),)
   # Leaves with fewer elements than this are replicated whatever the rules say.
   config.mesh.fsdp_min_size = 2**14
+  # With mesh.fsdp > 1, the run stops before epoch 0 when less than this fraction of the
+  # bytes of the train state (and of the frozen base UNet, with LoRA or KL) is sharded
+  # (rules that replicate what FSDP should split). 0: no check.
+  config.mesh.min_sharded_fraction = 0.5
 
   config.prompt = ml_collections.ConfigDict()
   # A registered prompt function (ddpo_jax.prompts) or "package.module:factory".
@@ -96,6 +104,11 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # Rematerialise the UNet's blocks in the training pass: less activation
   # memory for about a third more compute.
   config.train.remat = False
+  # How an optimiser step accumulates its minibatches' gradients: "scan" (lax.scan: one
+  # compiled loop body) or "unrolled" (one after another in straight-line code: faster on
+  # the CPU, whose loops run convolution gradients slowly). "auto": unrolled on the CPU,
+  # scan elsewhere; config.json records the resolved value.
+  config.train.accumulation = "auto"
   # Passes over each epoch's transitions.
   config.train.num_inner_epochs = 1
   # Fraction of each trajectory's timesteps trained on, in (0, 1].
@@ -148,8 +161,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.stat_tracking.min_count = 16
 
   config.checkpoint = ml_collections.ConfigDict()
-  # Epochs between checkpoints (the last epoch and a SIGTERM always save one;
-  # 0: only those).
+  # Epochs between checkpoints (ddpo_jax/periodic.py; the last epoch and a SIGTERM
+  # always save one; 0: only those).
   config.checkpoint.every_epochs = 10
   # Newest checkpoints kept in workdir/checkpoints.
   config.checkpoint.max_to_keep = 3
@@ -157,8 +170,8 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint.asynchronous = True
 
   config.eval = ml_collections.ConfigDict()
-  # Epochs between held-out evaluations (0: none). When on, the run is also
-  # evaluated before its first epoch and after its last. Each evaluation
+  # Epochs between held-out evaluations (ddpo_jax/periodic.py; 0: none). When on,
+  # the run is also evaluated before its first epoch and after its last. Each evaluation
   # samples the same prompts from the same noise (fixed by eval.seed), so
   # evaluations differ only by the params: records with "split": "eval" in
   # metrics.jsonl, eval/ in TensorBoard, images/eval_samples_EPOCH.png.
@@ -181,7 +194,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.eval.rewards = ("jpeg_compressibility", "jpeg_incompressibility")
 
   config.logging = ml_collections.ConfigDict()
-  # Epochs between PNG grids of samples (0: never).
+  # Epochs between PNG grids of samples (ddpo_jax/periodic.py; 0: never).
   config.logging.images_every_epochs = 5
   # Samples per grid.
   config.logging.num_images = 32

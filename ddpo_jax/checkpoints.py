@@ -15,6 +15,10 @@ orbax writes a checkpoint into a temporary folder and renames it once every
 process has finished, so a process killed while saving leaves the previous
 checkpoints as they were; a checkpoint that fails to restore (missing or
 damaged files) is skipped with a warning and the one before it is tried.
+When checkpoints exist but none restores into the run's train state (other
+settings: LoRA, EMA, another model), the run stops with `IncompatibleCheckpoints`
+naming what differs: it never starts again from the pretrained weights over
+an existing run.
 """
 
 from __future__ import annotations
@@ -29,20 +33,45 @@ import jax
 import orbax.checkpoint as ocp
 
 from ddpo_jax import sharding
+from ddpo_jax import validation
+
+# Lines of a tree difference quoted in the error.
+MAX_DIFFERENCES = 8
+
+
+class IncompatibleCheckpoints(validation.ConfigError):
+  """Checkpoints exist, but none restores into the current train state."""
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def is_due(epoch: int, num_epochs: int, every_epochs: int) -> bool:
-  """Whether epoch `epoch` (0-based) ends with a periodic checkpoint.
+def first_line(error: BaseException) -> str:
+  """The first line of an error's message (orbax's can embed pages of TensorStore specs)."""
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
-  The last epoch always does; every_epochs <= 0 saves only there.
-  """
-  if epoch == num_epochs - 1:
-    return True
-  return every_epochs > 0 and (epoch + 1) % every_epochs == 0
+
+def _leaf_descriptions(tree: Any) -> dict[str, str]:
+  """{"a/b/c": "float32[3, 4]"} for every leaf with a shape (arrays, ShapeDtypeStructs, orbax metadata)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = getattr(leaf, "shape", None)
+    if shape is None:
+      continue
+    out[sharding.path_string(path)] = f"{getattr(leaf, 'dtype', '?')}{list(shape)}"
+  return out
+
+
+def tree_differences(expected: Any, stored: Any) -> list[str]:
+  """What differs between the state a run expects and a checkpoint's stored tree, one line each."""
+  want, have = _leaf_descriptions(expected), _leaf_descriptions(stored)
+  lines = [f"{path}: this run has {want[path]}, the checkpoint {have[path]}" for path in want if path in have
+           and want[path] != have[path]]
+  lines += [f"{path}: only in this run ({want[path]})" for path in want if path not in have]
+  lines += [f"{path}: only in the checkpoint ({have[path]})" for path in have if path not in want]
+  return lines
 
 
 class Checkpointer:
@@ -75,13 +104,19 @@ class Checkpointer:
     )
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-    """(step, state, meta) of the newest checkpoint that restores, or None.
+    """(step, state, meta) of the newest checkpoint that restores, or None when there is none.
 
     Args:
       abstract_state: the TrainState as jax.ShapeDtypeStructs with shardings;
         the restored arrays get those shardings.
+
+    Raises:
+      IncompatibleCheckpoints: checkpoints exist but none restores; names the
+        newest, what differs from `abstract_state`, and the two ways out.
     """
-    for step in reversed(self.steps()):
+    steps = self.steps()
+    problems = {}
+    for step in reversed(steps):
       try:
         restored = self.manager.restore(
           step,
@@ -89,10 +124,32 @@ class Checkpointer:
         )
         _check_restored(abstract_state, restored.state)
       except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
-        logging.warning("checkpoint %d in %s cannot be restored, skipping it: %s", step, self.directory, e)
+        problems[step] = first_line(e)
+        logging.warning("checkpoint %d in %s cannot be restored, skipping it: %s", step, self.directory, problems[step])
         continue
       return step, restored.state, dict(restored.meta)
+    if steps:
+      raise IncompatibleCheckpoints(self._incompatible_message(steps[-1], abstract_state, problems[steps[-1]]))
     return None
+
+  def _incompatible_message(self, step: int, abstract_state: Any, problem: str) -> str:
+    try:
+      stored = self.manager.item_metadata(step)["state"]
+      differences = tree_differences(abstract_state, stored)
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint may not even have readable metadata
+      differences = [f"its metadata cannot be read ({first_line(e)})"]
+    if not differences:
+      differences = [problem]
+    shown = differences[:MAX_DIFFERENCES]
+    if len(differences) > MAX_DIFFERENCES:
+      shown.append(f"... and {len(differences) - MAX_DIFFERENCES} more")
+    workdir = os.path.dirname(self.directory)
+    return (
+      f"{self.directory} holds checkpoints {self.steps()}, but none restores into this run's train state. "
+      f"The newest, {os.path.join(self.directory, str(step))}, differs:\n  " + "\n  ".join(shown) + "\n"
+      f"Resume with the settings that wrote it (see {os.path.join(workdir, 'config.json')}), "
+      "or start this configuration in a new --workdir."
+    )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

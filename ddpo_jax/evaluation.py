@@ -24,13 +24,6 @@ from ddpo_jax import rewards as rewards_lib
 from ddpo_jax import sharding
 
 
-def is_due(epoch: int, num_epochs: int, every_epochs: int) -> bool:
-  """Whether the params after epoch `epoch` (0-based; -1: before training) are evaluated."""
-  if not every_epochs:
-    return False
-  return epoch == -1 or epoch == num_epochs - 1 or (epoch + 1) % every_epochs == 0
-
-
 def pairwise_rms_distance(images: np.ndarray) -> float:
   """Mean over pairs i < j of the RMS pixel difference of uint8 images [n, H, W, C], in [0, 1] units.
 
@@ -56,15 +49,14 @@ class Evaluator:
 
   Args:
     config: the run's config (config.eval, config.sample, config.reward).
-    trainer: the run's `train.Trainer` (its sampler is reused; with
-      config.eval.eta != config.sample.eta a second one is compiled).
+    steps: the run's compiled steps (`steps.build`): their `eval_sample`.
     reward_fn: the trained reward (config.reward.name's).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, trainer, reward_fn):
+  def __init__(self, config: ml_collections.ConfigDict, steps, reward_fn):
     e = config.eval
     self.config = config
-    self.trainer = trainer
+    self.steps = steps
     self.batch_size = config.sample.batch_size
     self.num_batches = e.num_samples // self.batch_size
     self.local_batch = self.batch_size // jax.process_count()
@@ -75,7 +67,6 @@ class Evaluator:
     for name in e.rewards:
       if name not in self.reward_fns:
         self.reward_fns[name] = rewards_lib.make(name)
-    self.sample_fn = trainer.sampler_for_eta(e.eta)
     root = jax.random.PRNGKey(e.seed)
     self.keys = [jax.random.fold_in(root, b) for b in range(self.num_batches)]
 
@@ -89,7 +80,8 @@ class Evaluator:
     images, prompts = [], []
     for b in range(self.num_batches):
       batch_prompts = self.local_prompts(b)
-      _, _, batch_images = self.sample_fn(params, batch_prompts, self.keys[b], base)
+      token_ids = self.steps.token_ids(batch_prompts)
+      _, _, batch_images = self.steps.eval_sample(params, base, token_ids, self.steps.negative_tokens, self.keys[b])
       images.append(sharding.local_rows(batch_images))
       prompts += batch_prompts
     return np.concatenate(images), prompts
@@ -107,8 +99,6 @@ class Evaluator:
       prompt) and diversity_all (between all of this process's samples);
       seconds. images: this process's; labels: "trained reward, prompt" of each.
     """
-    from ddpo_jax import train  # the row-gathering helpers; train imports this module
-
     start = time.time()
     images, prompts = self.sample(params, base)
     out: dict[str, Any] = {}
@@ -117,7 +107,7 @@ class Evaluator:
       scored = rewards_lib.score_batch(name, fn, images, prompts, "drop")
       if name == self.config.reward.name:
         labels = [f"{r:.3g} {p}" for r, p in zip(scored.rewards, prompts)]
-      rewards = train.gather_rows(np.where(scored.valid, scored.rewards, np.nan), self.num_batches)
+      rewards = sharding.gather_rows(np.where(scored.valid, scored.rewards, np.nan), self.num_batches)
       valid = rewards[np.isfinite(rewards)]
       out[f"reward_{name}_mean"] = float(valid.mean()) if valid.size else float("nan")
       out[f"reward_{name}_std"] = float(valid.std()) if valid.size else float("nan")
@@ -126,7 +116,7 @@ class Evaluator:
     out["reward_mean"], out["reward_std"] = out[f"reward_{trained}_mean"], out[f"reward_{trained}_std"]
     k = self.config.eval.samples_per_prompt
     if k >= 2:
-      out["diversity"] = float(np.mean(train.gather_rows(group_diversity(images, k), self.num_batches)))
+      out["diversity"] = float(np.mean(sharding.gather_rows(group_diversity(images, k), self.num_batches)))
     out["diversity_all"] = float(np.mean(sharding.allgather_rows(np.array([pairwise_rms_distance(images)]))))
     out["seconds"] = time.time() - start
     return out, images, labels

@@ -5,7 +5,8 @@ Models with Reinforcement Learning", ICLR 2024, eq. 3: DDPO_SF, eq. 4: DDPO_IS
 with PPO's clip), and the paper's reward-weighted regression baselines (RWR,
 its section 4.2): the standard denoising loss on the epoch's samples, each
 weighted by its reward, densely (`rwr_dense_weights`) or by a filter
-(`rwr_sparse_weights`, "filtered fine-tuning").
+(`rwr_sparse_weights`, "filtered fine-tuning"). The methods that use them
+are records in `ddpo_jax.methods`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-# Policy gradients over (x_t, x_{t-1}) transitions.
-POLICY_GRADIENT_METHODS = ("ddpo_is", "ddpo_sf")
-# Reward-weighted denoising on (x_0, t, noise) examples.
-RWR_METHODS = ("rwr", "rwr_sparse")
-METHODS = POLICY_GRADIENT_METHODS + RWR_METHODS
-
 
 def clipped_importance_loss(
   log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, clip_range: float
@@ -101,12 +95,3 @@ def rwr_sparse_weights(rewards: np.ndarray, percentile: float) -> np.ndarray:
   threshold = np.percentile(rewards[valid], percentile)
   kept = valid & (rewards >= threshold)
   return (kept * valid.sum() / kept.sum()).astype(np.float32)
-
-
-def get(method: str):
-  """The policy-gradient loss function of a method name of `POLICY_GRADIENT_METHODS`."""
-  if method == "ddpo_is":
-    return clipped_importance_loss
-  if method == "ddpo_sf":
-    return score_function_loss
-  raise ValueError(f"train.method={method!r} is unknown; choose one of {METHODS}.")

@@ -125,6 +125,11 @@ def sharded_fraction(tree: Any, shardings: Any) -> float:
   return sharded / max(total, 1)
 
 
+def bytes_of(tree: Any) -> int:
+  """Total bytes of `tree`'s leaves (arrays or ShapeDtypeStructs)."""
+  return sum(int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def bytes_per_device(tree: Any, shardings: Any) -> int:
   """Bytes of `tree` that each device holds under `shardings`."""
   total = 0
@@ -188,6 +193,24 @@ def allgather_strings(local: Sequence[str]) -> list[list[str]]:
     [bytes(row[:n]).decode("utf-8") for row, n in zip(host_rows, host_lengths)]
     for host_rows, host_lengths in zip(all_padded, all_lengths)
   ]
+
+
+def gather_rows(local: np.ndarray, num_batches: int) -> np.ndarray:
+  """Every process's per-sample values [N], in the rows' global order.
+
+  A global batch holds process 0's rows, then process 1's, ...; an epoch is
+  its batches one after another. Each process passes its own [n], batch by
+  batch (n = num_batches * rows per process).
+  """
+  rows = allgather_rows(np.asarray(local).reshape(num_batches, -1))  # [P, batches, b]
+  return np.swapaxes(rows, 0, 1).reshape(-1)
+
+
+def gather_prompts(local_prompts: Sequence[str], num_batches: int) -> list[str]:
+  """`gather_rows` for strings."""
+  per_process = allgather_strings(local_prompts)
+  local = len(local_prompts) // num_batches
+  return [host[b * local + i] for b in range(num_batches) for host in per_process for i in range(local)]
 
 
 def any_process(flag: bool) -> bool:

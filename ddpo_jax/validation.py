@@ -12,12 +12,14 @@ import tempfile
 import ml_collections
 
 from ddpo_jax import advantages
+from ddpo_jax import config_utils
+from ddpo_jax import methods
 from ddpo_jax import models
-from ddpo_jax import objectives
 from ddpo_jax import prompts
 from ddpo_jax import registry
 from ddpo_jax import rewards
 from ddpo_jax import sharding
+from ddpo_jax import update
 
 
 class ConfigError(ValueError):
@@ -55,15 +57,6 @@ def _check_workdir(workdir: str) -> None:
     raise ConfigError(f"--workdir={workdir!r} cannot be written ({e}); choose a writable folder.") from e
 
 
-def num_timesteps_kept(config: ml_collections.ConfigDict) -> int:
-  return int(config.sample.num_steps * config.train.timestep_fraction)
-
-
-def num_updates_per_inner_epoch(config: ml_collections.ConfigDict) -> int:
-  transitions = config.sample.batch_size * config.sample.num_batches_per_epoch * num_timesteps_kept(config)
-  return transitions // (config.train.batch_size * config.train.gradient_accumulation_steps)
-
-
 # config.train.advantages values.
 ADVANTAGES = ("stat_tracking", "group")
 
@@ -78,8 +71,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
   except ValueError as e:
     raise ConfigError(str(e)) from e
   shards = data * fsdp
-  if t.method not in objectives.METHODS:
-    raise ConfigError(f"config.train.method={t.method!r} is unknown; choose one of {objectives.METHODS}.")
+  if t.method not in methods.names():
+    raise ConfigError(f"config.train.method={t.method!r} is unknown; choose one of {methods.names()}.")
   if s.num_steps < 1:
     raise ConfigError(f"config.sample.num_steps={s.num_steps} must be >= 1.")
   if s.eta <= 0:
@@ -88,7 +81,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
     )
   if not 0 < t.timestep_fraction <= 1:
     raise ConfigError(f"config.train.timestep_fraction={t.timestep_fraction} must be in (0, 1].")
-  if num_timesteps_kept(config) < 1:
+  if update.num_timesteps_kept(config) < 1:
     raise ConfigError(
       f"config.train.timestep_fraction={t.timestep_fraction} keeps no step of {s.num_steps}; raise it to at least "
       f"{1 / s.num_steps:.3g}."
@@ -107,18 +100,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
     if value < 1:
       raise ConfigError(f"config.{name}={value} must be >= 1.")
   samples = s.batch_size * s.num_batches_per_epoch
-  transitions = samples * num_timesteps_kept(config)
+  transitions = samples * update.num_timesteps_kept(config)
   per_update = t.batch_size * t.gradient_accumulation_steps
   if transitions % per_update:
     raise ConfigError(
-      f"An epoch has {samples} samples x {num_timesteps_kept(config)} kept timesteps = {transitions} transitions, "
+      f"An epoch has {samples} samples x {update.num_timesteps_kept(config)} kept timesteps = {transitions} transitions, "
       f"which do not divide into optimiser steps of config.train.batch_size x "
       f"config.train.gradient_accumulation_steps = {per_update}; choose sizes whose product divides {transitions}."
-    )
-  if t.method == "ddpo_sf" and (t.num_inner_epochs != 1 or transitions != per_update):
-    raise ConfigError(
-      "config.train.method='ddpo_sf' takes one gradient step per batch of fresh samples: set "
-      f"config.train.num_inner_epochs=1 and config.train.gradient_accumulation_steps={transitions // t.batch_size}."
     )
   for name, value in (
     ("train.learning_rate", t.learning_rate),
@@ -128,7 +116,9 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
   ):
     if not value > 0:
       raise ConfigError(f"config.{name}={value} must be > 0.")
-  _check_rwr(config)
+  problem = methods.get(t.method).check_config(config)
+  if problem:
+    raise ConfigError(problem)
   _check_beyond_ddpo(config, num_processes)
   _check_eval(config, num_processes)
   if config.stat_tracking.per_prompt and not 1 <= config.stat_tracking.min_count <= config.stat_tracking.buffer_size:
@@ -147,6 +137,18 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
     raise ConfigError(f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1.")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'.")
+  for resolve, setting in (
+    (config_utils.resolve_accumulation, config.train.accumulation),
+    (config_utils.resolve_attention_block_mb, config.model.attention_block_mb),
+  ):
+    try:
+      resolve(setting, "cpu")
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+  if not 0 <= config.mesh.min_sharded_fraction <= 1:
+    raise ConfigError(
+      f"config.mesh.min_sharded_fraction={config.mesh.min_sharded_fraction} must be in [0, 1] (0: no check)."
+    )
   _check_factory("reward", "config.reward.name", config.reward.name, rewards.registered())
   if config.reward.on_invalid not in rewards.ON_INVALID:
     raise ConfigError(f"config.reward.on_invalid={config.reward.on_invalid!r}: choose one of {rewards.ON_INVALID}.")
@@ -168,29 +170,6 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
       )
   if workdir is not None:
     _check_workdir(workdir)
-
-
-def _check_rwr(config: ml_collections.ConfigDict) -> None:
-  """The RWR baselines' settings, and the options they do not combine with."""
-  t = config.train
-  if t.method not in objectives.RWR_METHODS:
-    return
-  if t.method == "rwr" and not t.rwr_temperature > 0:
-    raise ConfigError(
-      f"config.train.rwr_temperature={t.rwr_temperature} must be > 0 (in the reward's units, e.g. its std)."
-    )
-  if t.method == "rwr_sparse" and not 0 <= t.rwr_percentile < 100:
-    raise ConfigError(f"config.train.rwr_percentile={t.rwr_percentile} must be in [0, 100) (e.g. 90: the top 10%).")
-  if t.kl_coef > 0:
-    raise ConfigError(
-      f"config.train.kl_coef={t.kl_coef}: the KL regulariser acts on DDPO's transitions; RWR "
-      f"(config.train.method={t.method!r}) trains on denoising examples. Set kl_coef=0 or method='ddpo_is'."
-    )
-  if t.advantages != "stat_tracking":
-    raise ConfigError(
-      f"config.train.advantages={t.advantages!r}: RWR (config.train.method={t.method!r}) weights samples by "
-      "their rewards instead of advantages; leave config.train.advantages='stat_tracking'."
-    )
 
 
 def _check_eval(config: ml_collections.ConfigDict, num_processes: int) -> None:

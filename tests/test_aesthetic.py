@@ -22,7 +22,7 @@ ONE_LEVEL = 1 / 255 / min(aesthetic.CLIP_STD)
 
 @pytest.fixture(scope="module")
 def clip_models():
-  from ddpo_jax import clip_models
+  from ddpo_jax.models import clip as clip_models
 
   return clip_models
 

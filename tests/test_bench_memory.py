@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpo_jax import architectures
+from ddpo_jax.models import architectures
 from ddpo_jax import config_utils
 from ddpo_jax import models
 from ddpo_jax.bench import memory

@@ -309,7 +309,7 @@ class Memory:
 
 @functools.lru_cache(maxsize=4)
 def abstract_model(name: str, dtype: str):
-  from ddpo_jax import architectures
+  from ddpo_jax.models import architectures
 
   return architectures.abstract_model(name, dtype)
 
@@ -598,7 +598,7 @@ class Setting:
     """Bytes per device of the trained params (the UNet's or LoRA adapters), the rest of the train state
     (optimizer state, step, EMA params), the frozen base UNet (LoRA's and the KL's; 0 without) and the
     frozen VAE and text encoder."""
-    from ddpo_jax import architectures
+    from ddpo_jax.models import architectures
     from ddpo_jax import sharding
 
     trainer, params = self.trainer(self.config.train.batch_size // self.num_devices)

@@ -232,7 +232,7 @@ def build_model(size: str, config, dtype: str, attention: str, seed: int = 0):
   from ddpo_jax import models
 
   if size == "config":
-    from ddpo_jax import architectures
+    from ddpo_jax.models import architectures
 
     configs = architectures.component_configs(config.model.name)
     configs["unet"] = dict(configs["unet"], **ATTENTION[attention])
@@ -273,7 +273,7 @@ class Setup:
   def describe(self) -> dict[str, Any]:
     import jax
 
-    from ddpo_jax import architectures
+    from ddpo_jax.models import architectures
     from ddpo_jax import models
 
     return {

@@ -10,7 +10,7 @@ Prompts are ignored.
 The whole path, uint8 pixels to score, is one jitted function on this process's
 local devices, the batch split over them. The MLP's weights ship with the
 package (`WEIGHTS_FILE`, written by `convert_aesthetic` from the PyTorch file);
-the CLIP tower loads through `ddpo_jax.clip_models`.
+the CLIP tower loads through `ddpo_jax.models.clip`.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def aesthetic(
     weights: a converted MLP file (see convert_aesthetic); empty for the
       packaged one.
   """
-  from ddpo_jax import clip_models
+  from ddpo_jax.models import clip as clip_models
 
   vision_module, vision_params, image_size = clip_models.load_vision(clip_model, dtype, revision or None, from_pt)
   pixels = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)

@@ -1,9 +1,10 @@
 """Loading, building and saving Stable-Diffusion-shaped models.
 
-The only module of ddpo_jax that imports diffusers or transformers: everything
-else sees a `DiffusionModel` (modules, tokenizer, noise schedule) plus a params
-dict {"unet", "vae", "text_encoder"} and the pure functions below, so replacing
-those libraries is a change to this file alone.
+With its siblings architectures.py (modules without weights) and clip.py (the
+CLIP vision tower), the only code of ddpo_jax that imports diffusers or
+transformers: everything else sees a `DiffusionModel` (modules, tokenizer,
+noise schedule) plus a params dict {"unet", "vae", "text_encoder"} and the pure
+functions below, so replacing those libraries is a change to models/ alone.
 
 A model is a folder in diffusers' `save_pretrained` layout (model_index.json,
 unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a Hugging Face id of one;
@@ -24,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax import attention
+from ddpo_jax.models import attention
 
 # The shipped toy-world model: `model.name = TOY_MODEL` selects it.
 TOY_MODEL = "toy-world"
-TOY_MODEL_DIR = os.path.join(os.path.dirname(__file__), "toy", "model")
+TOY_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "toy", "model")
 _COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 Params = dict[str, Any]
@@ -66,6 +67,9 @@ class DiffusionModel:
   tokenizer: Any
   schedule: NoiseSchedule
   path: str
+  # Bytes of float32 scores per block of our blocked attention (`attention.blocked_attention`) in the
+  # UNet's attention layers; 0 keeps diffusers' own layers. Set from config.model.attention_block_mb.
+  attention_block_bytes: int = 0
 
   @property
   def latent_channels(self) -> int:
@@ -328,6 +332,11 @@ def with_vae_scaling_factor(model: DiffusionModel, scaling_factor: float) -> Dif
   return dataclasses.replace(model, vae=FlaxAutoencoderKL(**config))
 
 
+def with_attention_block(model: DiffusionModel, block_mb: float) -> DiffusionModel:
+  """The same model whose UNet attention runs in blocks of `block_mb` MB of scores (0: diffusers' layers)."""
+  return dataclasses.replace(model, attention_block_bytes=int(float(block_mb) * 2**20))
+
+
 def _unfreeze(tree):
   from flax.core import unfreeze
 
@@ -391,24 +400,6 @@ def _rematerialised_unet_blocks():
         setattr(unet_module, name, block)
 
 
-def attention_block_bytes() -> int:
-  """Bytes of scores per block of our attention layers (`ddpo_jax.attention`); 0: diffusers' own.
-
-  $DDPO_JAX_ATTENTION_BLOCK_MB sets it (0 for diffusers' layers); by default
-  4 MB on the CPU, where blocking wins (see ddpo_jax/attention.py), and 0 on
-  accelerators, where XLA's fused attention of diffusers' layers is kept.
-  """
-  setting = os.environ.get("DDPO_JAX_ATTENTION_BLOCK_MB", "auto")
-  if setting == "auto":
-    return 4 * 2**20 if jax.default_backend() == "cpu" else 0
-  try:
-    return int(float(setting) * 2**20)
-  except ValueError:
-    raise ValueError(
-      f"DDPO_JAX_ATTENTION_BLOCK_MB={setting!r} must be a number of MB (0: diffusers' attention) or 'auto'"
-    ) from None
-
-
 @contextlib.contextmanager
 def _blocked_attention_modules(block_bytes: int):
   """While active, UNets set up (at apply time) use `blocked_attention` in
@@ -451,7 +442,7 @@ def predict_noise(
   """
   apply = lambda: model.unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), context).sample
   with contextlib.ExitStack() as stack:
-    block_bytes = attention_block_bytes()
+    block_bytes = model.attention_block_bytes
     if block_bytes and not getattr(model.unet, "use_memory_efficient_attention", False):
       stack.enter_context(_blocked_attention_modules(block_bytes))
     if remat:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax import models
+from ddpo_jax.models import diffusion as models
 
 ARCHITECTURES_DIR = os.path.join(os.path.dirname(__file__), "data", "architectures")
 # Hugging Face ids whose architecture ships here, and the file of each.
