@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ddpo_jax import prompts
-from ddpo_jax import tfds_prompts
+from ddpo_jax.prompts import tfds as tfds_prompts
 
 tfds = pytest.importorskip("tensorflow_datasets", reason="needs the tfds extra: pip install -e '.[tfds]'")
 

@@ -28,9 +28,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from ddpo_jax.rewards import RewardFn
-from ddpo_jax.rewards import check_images
-from ddpo_jax.rewards import register
+from ddpo_jax.rewards.base import RewardFn
+from ddpo_jax.rewards.base import check_images
+from ddpo_jax.rewards.base import register
 
 Params = dict[str, Any]
 

@@ -13,9 +13,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from ddpo_jax.rewards import RewardFn
-from ddpo_jax.rewards import check_images
-from ddpo_jax.rewards import register
+from ddpo_jax.rewards.base import RewardFn
+from ddpo_jax.rewards.base import check_images
+from ddpo_jax.rewards.base import register
 
 QUALITY = 95
 

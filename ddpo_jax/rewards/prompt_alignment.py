@@ -31,9 +31,9 @@ import urllib.request
 import numpy as np
 
 from ddpo_jax.reward_server import protocol
-from ddpo_jax.rewards import RewardFn
-from ddpo_jax.rewards import check_images
-from ddpo_jax.rewards import register
+from ddpo_jax.rewards.base import RewardFn
+from ddpo_jax.rewards.base import check_images
+from ddpo_jax.rewards.base import register
 
 DEFAULT_URL = "http://127.0.0.1:8765"
 START_HINT = (

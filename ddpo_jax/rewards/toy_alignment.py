@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddpo_jax.rewards import RewardFn
-from ddpo_jax.rewards import check_images
-from ddpo_jax.rewards import register
+from ddpo_jax.rewards.base import RewardFn
+from ddpo_jax.rewards.base import check_images
+from ddpo_jax.rewards.base import register
 from ddpo_jax.toy import shapes
 
 

@@ -17,10 +17,10 @@ from typing import Mapping
 
 import numpy as np
 
-from ddpo_jax.rewards import RewardFn
-from ddpo_jax.rewards import check_rewards
-from ddpo_jax.rewards import make
-from ddpo_jax.rewards import register
+from ddpo_jax.rewards.base import RewardFn
+from ddpo_jax.rewards.base import check_rewards
+from ddpo_jax.rewards.base import make
+from ddpo_jax.rewards.base import register
 
 
 @register("weighted")

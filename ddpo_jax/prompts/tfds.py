@@ -1,7 +1,9 @@
 """Prompts drawn from a text feature of a TensorFlow Datasets (TFDS) dataset: the optional `tfds` extra.
 
-`tfds_prompts(dataset="coco_captions", feature="captions/text", data_dir=...)` reads the texts once and returns a
-prompt function drawing uniformly among them with the numpy rng (`ddpo_jax.prompts.uniform`).
+`tfds_prompts(dataset="coco_captions", feature="captions/text", data_dir=...)`, registered as the prompt function
+"tfds", reads the texts once and returns a prompt function drawing uniformly among them with the numpy rng
+(`ddpo_jax.prompts.uniform`). tensorflow_datasets is imported only then, so that `ddpo_jax.prompts`, which imports
+this module to register it, works without the extra.
 
 What needs TensorFlow:
   - Reading a dataset prepared in a random-access format (array_record or parquet: `tfds build NAME
@@ -25,13 +27,14 @@ from typing import Iterator
 from absl import logging
 import numpy as np
 
-from ddpo_jax import prompts
+from ddpo_jax.prompts import base
 
 INSTALL_HINT = "pip install -e '.[tfds]'"
 # Examples fetched per read of a random-access data source.
 READ_CHUNK = 256
 
 
+@base.register("tfds")
 def tfds_prompts(
   dataset: str,
   feature: str,
@@ -39,7 +42,7 @@ def tfds_prompts(
   data_dir: str | None = None,
   max_prompts: int | None = None,
   download: bool = False,
-) -> prompts.PromptFn:
+) -> base.PromptFn:
   """A prompt function drawing uniformly, with replacement, among the texts of a TFDS text feature.
 
   Args:
@@ -60,7 +63,7 @@ def tfds_prompts(
   Returns:
     `fn(rng, batch_size) -> list[str]`, deterministic given the numpy Generator rng.
   """
-  return prompts.uniform(read_texts(dataset, feature, split, data_dir, max_prompts, download))
+  return base.uniform(read_texts(dataset, feature, split, data_dir, max_prompts, download))
 
 
 def read_texts(
