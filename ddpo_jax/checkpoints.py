@@ -67,8 +67,11 @@ def _leaf_descriptions(tree: Any) -> dict[str, str]:
 def tree_differences(expected: Any, stored: Any) -> list[str]:
   """What differs between the state a run expects and a checkpoint's stored tree, one line each."""
   want, have = _leaf_descriptions(expected), _leaf_descriptions(stored)
-  lines = [f"{path}: this run has {want[path]}, the checkpoint {have[path]}" for path in want if path in have
-           and want[path] != have[path]]
+  lines = [
+    f"{path}: this run has {want[path]}, the checkpoint {have[path]}"
+    for path in want
+    if path in have and want[path] != have[path]
+  ]
   lines += [f"{path}: only in this run ({want[path]})" for path in want if path not in have]
   lines += [f"{path}: only in the checkpoint ({have[path]})" for path in have if path not in want]
   return lines

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 def clipped_importance_loss(
   log_probs: jax.Array, old_log_probs: jax.Array, advantages: jax.Array, clip_range: float
 ) -> tuple[jax.Array, dict[str, jax.Array]]:

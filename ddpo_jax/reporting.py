@@ -120,7 +120,9 @@ def log_evaluation(epoch: int, metrics: dict[str, Any]) -> None:
   if jax.process_index() != 0:
     return
   others = " | ".join(
-    f"{k[len('reward_') : -len('_mean')]} {v:.4g}" for k, v in metrics.items() if k.endswith("_mean") and k != "reward_mean"
+    f"{k[len('reward_') : -len('_mean')]} {v:.4g}"
+    for k, v in metrics.items()
+    if k.endswith("_mean") and k != "reward_mean"
   )
   logging.info(
     "eval after epoch %d | reward %.4f | %s | diversity %.3f | %.1f s",

@@ -280,6 +280,7 @@ class Steps:
 
   model: models.DiffusionModel
   mesh: Mesh
+  layout: train_state.StateLayout
   sample: Any
   eval_sample: Any
   make_examples: Any
@@ -289,6 +290,24 @@ class Steps:
   settings: update.UpdateSettings
   num_updates: int
   negative_tokens: np.ndarray
+
+  def place_frozen(self, params: dict[str, Any]) -> dict[str, Any]:
+    """The frozen modules' params {"vae", "text_encoder"} of `params`, replicated on the mesh."""
+    return jax.device_put(
+      {"vae": params["vae"], "text_encoder": params["text_encoder"]}, sharding.replicated(self.mesh)
+    )
+
+  def place_unet(self, unet_params: Any) -> Any:
+    """Pretrained UNet params on the mesh, in buffers of their own (the state's are donated to the step)."""
+    return jax.device_put(unet_params, self.layout.unet_sharding, may_alias=False)
+
+  def base(self, unet_on_mesh: Any) -> Any:
+    """The steps' frozen base input: the placed pretrained UNet when LoRA or KL needs it, else None."""
+    return unet_on_mesh if self.layout.needs_base else None
+
+  def init_state(self, unet_on_mesh: Any, key: jax.Array) -> train_state.TrainState:
+    """A fresh train state from the placed pretrained UNet (`place_unet`) and the adapters' key."""
+    return self.jitted.init_state(unet_on_mesh, key)
 
   def token_ids(self, prompts: list[str]) -> jax.Array:
     """This process's prompts as the global batch of token ids [B, L] the samplers take."""
@@ -310,6 +329,29 @@ class Steps:
       state, metrics = self.optimizer_step(state, examples, np.int32(index), negative_context, base)
       step_metrics.append(metrics)
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *step_metrics)
+
+
+def configure(
+  config: ml_collections.ConfigDict, model: models.DiffusionModel, unet_shapes: Any, mesh: Mesh
+) -> tuple[ml_collections.ConfigDict, models.DiffusionModel, train_state.StateLayout]:
+  """The config with its "auto" settings resolved, the model with its attention, and the state's layout.
+
+  Everything `build` needs, from shapes alone (nothing compiles).
+  Raises ValueError naming config.lora.targets when LoRA targets match nothing.
+  """
+  config = config_utils.resolve_auto(config, jax.default_backend())
+  model = models.with_attention_block(model, float(config.model.attention_block_mb))
+  settings = update_settings(config)
+  optimizer = train_state.make_optimizer(config.train)
+  return config, model, train_state.layout(config, unet_shapes, mesh, settings.adapter, optimizer, settings.needs_base)
+
+
+def prepare(
+  config: ml_collections.ConfigDict, model: models.DiffusionModel, params: dict[str, Any], mesh: Mesh
+) -> Steps:
+  """`configure` then `build`: the compiled steps of `config` for params {"unet", "vae", "text_encoder"}."""
+  config, model, layout = configure(config, model, params["unet"], mesh)
+  return build(config, model, mesh, layout, {"vae": params["vae"], "text_encoder": params["text_encoder"]})
 
 
 def build(
@@ -342,6 +384,7 @@ def build(
   return Steps(
     model=model,
     mesh=mesh,
+    layout=layout,
     jitted=jitted,
     memory=memory,
     settings=update_settings(config),

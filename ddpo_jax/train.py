@@ -21,7 +21,6 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from ddpo_jax import adapters
 from ddpo_jax import advantages as advantages_lib
 from ddpo_jax import checkpoints
 from ddpo_jax import config_utils
@@ -71,12 +70,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
   model, params = models.load(
     config.model.name, revision=config.model.revision or None, dtype=config.model.dtype, from_pt=config.model.from_pt
   )
-  model = models.with_attention_block(model, float(config.model.attention_block_mb))
-  settings = steps_lib.update_settings(config)
   try:
-    layout = train_state.layout(
-      config, params["unet"], mesh, settings.adapter, train_state.make_optimizer(config.train), settings.needs_base
-    )
+    config, model, layout = steps_lib.configure(config, model, params["unet"], mesh)
   except ValueError as e:  # LoRA targets that match nothing: name the setting
     raise validation.ConfigError(str(e)) from e
   _check_sharded(config, layout, mesh)
@@ -107,14 +102,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     _save_config(config, workdir)
 
   # --- The compiled steps, the frozen params and the state on the mesh.
-  frozen_host = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
-  run = steps_lib.build(config, model, mesh, layout, frozen_host)
-  frozen = jax.device_put(frozen_host, sharding.replicated(mesh))
-  # Buffers of their own (never the caller's arrays): the state's are donated to the step.
-  unet = jax.device_put(params["unet"], layout.unet_sharding, may_alias=False)
-  base = unet if layout.needs_base else None
+  run = steps_lib.build(config, model, mesh, layout, {"vae": params["vae"], "text_encoder": params["text_encoder"]})
+  frozen = run.place_frozen(params)
+  unet = run.place_unet(params["unet"])
+  base = run.base(unet)
   if restored is None:
-    state = run.jitted.init_state(unet, train_state.adapter_key(config.seed))
+    state = run.init_state(unet, train_state.adapter_key(config.seed))
   del params, unet
   negative_context = run.negative_context(frozen["text_encoder"])
   logging.info(
@@ -240,7 +233,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
   # --- The end: the last record, the EMA's grid, files closed on every process.
   summary = epoch_log.flush()
   if config.logging.sample_with_ema and not preempted and summary:
-    summary.update(_ema_grid(run, config, writer, frozen, state.ema_params, base, prompt_fn, reward_fn, summary["epoch"]))
+    summary.update(
+      _ema_grid(run, config, writer, frozen, state.ema_params, base, prompt_fn, reward_fn, summary["epoch"])
+    )
   checkpointer.close()
   executor.shutdown()
   writer.close()

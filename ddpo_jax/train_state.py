@@ -68,7 +68,9 @@ def init(
   trained = adapter.init(key, unet_params)
   # A copy (not the same buffer): the state is donated leaf by leaf.
   ema_params = jax.tree.map(jnp.copy, trained) if ema else None
-  return TrainState(step=jnp.zeros((), jnp.int32), params=trained, opt_state=optimizer.init(trained), ema_params=ema_params)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=trained, opt_state=optimizer.init(trained), ema_params=ema_params
+  )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,11 +100,12 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
     if value < 1:
       raise ConfigError(f"config.{name}={value} must be >= 1.")
   samples = s.batch_size * s.num_batches_per_epoch
-  transitions = samples * update.num_timesteps_kept(config)
+  kept = update.num_timesteps_kept(config)
+  transitions = samples * kept
   per_update = t.batch_size * t.gradient_accumulation_steps
   if transitions % per_update:
     raise ConfigError(
-      f"An epoch has {samples} samples x {update.num_timesteps_kept(config)} kept timesteps = {transitions} transitions, "
+      f"An epoch has {samples} samples x {kept} kept timesteps = {transitions} transitions, "
       f"which do not divide into optimiser steps of config.train.batch_size x "
       f"config.train.gradient_accumulation_steps = {per_update}; choose sizes whose product divides {transitions}."
     )

@@ -24,3 +24,57 @@ def tiny_loaded(tiny_model_dir):
   from ddpo_jax import models
 
   return models.load(tiny_model_dir)
+
+
+def tiny_config(model_dir, **overrides):
+  """configs/compress.py:tiny on the tests' tiny model: 16 samples of 4 steps, minibatches of 16."""
+  from ddpo_jax import config_utils
+
+  config = config_utils.get_config("configs/compress.py:tiny")
+  values = {
+    "model.name": model_dir,
+    "sample.batch_size": 16,
+    "sample.num_batches_per_epoch": 1,
+    "sample.num_steps": 4,
+    "train.batch_size": 16,
+    "train.gradient_accumulation_steps": 2,
+  }
+  return config_utils.override(config, dict(values, **overrides))
+
+
+def rollouts_of(trajectory, context, weights):
+  import jax.numpy as jnp
+
+  from ddpo_jax import update
+
+  return update.Rollouts(
+    latents=trajectory.latents,
+    log_probs=trajectory.log_probs,
+    timesteps=trajectory.timesteps,
+    context=context,
+    weights=jnp.asarray(weights, jnp.float32),
+  )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_loaded, tiny_model_dir):
+  """The tiny model's compiled steps on 8 devices (data parallel) and one sampling call of 16 toy captions.
+
+  Returns (config, params, run, trajectory, context, images); `run.model` is
+  the model with the attention the config resolves to, as the trainer uses it.
+  """
+  import jax
+
+  from ddpo_jax import sharding
+  from ddpo_jax import steps
+  from ddpo_jax.toy import shapes
+
+  _, params = tiny_loaded
+  model, _ = tiny_loaded
+  config = tiny_config(tiny_model_dir)
+  run = steps.prepare(config, model, params, sharding.make_mesh(-1, 1))
+  captions = [s.caption for s in shapes.all_scenes()[:: len(shapes.all_scenes()) // 16][:16]]
+  trajectory, context, images = run.sample(
+    params, None, run.token_ids(captions), run.negative_tokens, jax.random.PRNGKey(0)
+  )
+  return config, params, run, trajectory, context, images

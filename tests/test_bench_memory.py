@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from ddpo_jax.models import architectures
 from ddpo_jax import config_utils
 from ddpo_jax import models
 from ddpo_jax.bench import memory
+from ddpo_jax.models import architectures
 
 GiB = memory.GiB
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,13 +111,13 @@ def test_compiled_sampler_memory_is_per_device():
   config = tiny_config(**{"sample.num_steps": 2})
   setting = memory.Setting(config, jax.devices()[:8], compile_=True)
   compiled, sizes = setting.sample(per_device=2)
-  trainer, params = setting.trainer(config.train.batch_size // 8)
-  args = memory.sampler_args(trainer, params, batch=16)
+  plan, params = setting.plan(config.train.batch_size // 8)
+  args = memory.sampler_args(plan, params, batch=16)
   assert compiled.argument == memory.bytes_per_device(args)
   # The sampler does not read the VAE's encoder: pruned from the program, still on the device.
   unused = architectures.num_bytes({k: params["vae"][k] for k in ("encoder", "quant_conv")})
   assert compiled.compiled_argument == compiled.argument - unused
-  assert sizes["sample_outputs"] == memory.bytes_per_device(memory.sampler_outputs(trainer, args))
+  assert sizes["sample_outputs"] == memory.bytes_per_device(memory.sampler_outputs(plan, args))
   assert compiled.output == pytest.approx(sizes["sample_outputs"], abs=256)  # XLA:CPU pads its output table
   assert compiled.temp > 0 and compiled.seconds > 0
   assert sizes["num_batches"] == 64 // 16

@@ -17,12 +17,6 @@ import ddpo_jax
 PACKAGE = "ddpo_jax"
 PACKAGE_DIR = os.path.dirname(os.path.abspath(ddpo_jax.__file__))
 
-# Strongly connected components known to remain, each as its set of modules.
-ALLOWED_CYCLES = {
-  # Temporary: removed by the lead's refactor (evaluation imports train for gather_rows).
-  frozenset({"ddpo_jax.evaluation", "ddpo_jax.train"}),
-}
-
 
 def module_files() -> dict[str, str]:
   """Every module under ddpo_jax/ by its dotted name (a package by its own name, for its __init__.py)."""
@@ -153,9 +147,7 @@ def test_imports_resolve_to_modules_else_to_the_package_defining_the_name(tmp_pa
 
 def test_no_import_cycles():
   graph = import_graph()
-  found = [c for c in cycles(graph) if frozenset(c) not in ALLOWED_CYCLES]
+  found = cycles(graph)
   assert not found, "import cycles between ddpo_jax modules:\n" + "\n".join(
     f"  {sorted(c)}: {' -> '.join(cycle_path(graph, c))}" for c in found
   )
-  stale = ALLOWED_CYCLES - {frozenset(c) for c in cycles(graph)}
-  assert not stale, f"allowed cycles that no longer exist, to delete from ALLOWED_CYCLES: {[sorted(c) for c in stale]}"

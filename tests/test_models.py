@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddpo_jax.models import attention
 from ddpo_jax import models
+from ddpo_jax.models import attention
 from ddpo_jax.toy import shapes
 
 

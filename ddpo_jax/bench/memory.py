@@ -5,7 +5,7 @@ r"""`python -m ddpo_jax.bench memory`: does a config fit in a target's HBM?
     python -m ddpo_jax.bench memory --config=configs/compress.py:tiny --grid=config --nosearch
 
 Runs no model and downloads nothing: the model is built without weights
-(ddpo_jax.architectures), the Trainer is built on abstract params, and its
+(ddpo_jax.models.architectures), the steps are jitted on abstract params, and their
 sampler and training step are lowered with abstract inputs and compiled for
 the target's mesh on fake CPU devices. Per device, per target and setting:
 
@@ -229,11 +229,9 @@ def divisors_below(total: int, unit: int, below: int) -> list[int]:
 
 def with_overrides(config, overrides: dict[str, Any]):
   """A copy of `config` with {"section.field": value} set."""
-  config = copy.deepcopy(config)
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
+  from ddpo_jax import config_utils
+
+  return config_utils.override(copy.deepcopy(config), overrides)
 
 
 def grid_overrides(config, num_devices: int, grid: str) -> list[dict[str, Any]]:
@@ -329,39 +327,81 @@ def bytes_per_device(tree) -> int:
   return sharding.bytes_per_device(tree, jax.tree.map(lambda x: x.sharding, tree))
 
 
-def make_trainer(config, devices):
-  """The Trainer of `config` on abstract params, and those params."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The run's train-state layout and jitted steps (`ddpo_jax.steps`) on abstract params, as the plan builds them."""
+
+  config: Any
+  model: Any
+  mesh: Any
+  layout: Any
+  jitted: Any
+  settings: Any
+
+  @property
+  def replicated(self):
+    from ddpo_jax import sharding
+
+    return sharding.replicated(self.mesh)
+
+  @property
+  def batch_sharding(self):
+    from ddpo_jax import sharding
+
+    return sharding.batch(self.mesh)
+
+  def sampler(self):
+    """The sampler as a pure function (not jitted), for tracing on one device's shapes."""
+    from ddpo_jax import steps
+
+    return functools.partial(
+      steps.sample, model=self.model, settings=steps.sampler_settings(self.config), adapter=self.settings.adapter
+    )
+
+
+def make_plan(config, devices):
+  """The Plan of `config` on abstract params, and those params."""
+  import jax
+
+  from ddpo_jax import config_utils
+  from ddpo_jax import models
   from ddpo_jax import sharding
-  from ddpo_jax import train
+  from ddpo_jax import steps
+  from ddpo_jax import train_state
 
+  config = config_utils.resolve_auto(config, jax.default_backend())
   model, params = abstract_model(config.model.name, config.model.dtype)
+  model = models.with_attention_block(model, float(config.model.attention_block_mb))
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-  return train.Trainer(config, model, mesh, params), params
+  settings = steps.update_settings(config)
+  optimizer = train_state.make_optimizer(config.train)
+  layout = train_state.layout(config, params["unet"], mesh, settings.adapter, optimizer, settings.needs_base)
+  return Plan(config, model, mesh, layout, steps.jit(config, model, mesh, layout), settings), params
 
 
-def sampler_args(trainer, params, batch: int) -> tuple:
+def sampler_args(plan, params, batch: int) -> tuple:
   """(params, base, token_ids [B, L], negative_token_ids [L], key) of sample_fn, abstract, with its shardings."""
   import jax
   import jax.numpy as jnp
 
-  rep = trainer.replicated
+  rep = plan.replicated
   frozen = jax.tree.map(lambda x: _sds(x, rep), {"vae": params["vae"], "text_encoder": params["text_encoder"]})
-  length = trainer.model.max_prompt_tokens
+  length = plan.model.max_prompt_tokens
   return (
-    dict(frozen, unet=trainer.abstract_state.params),
-    trainer.abstract_base,
-    jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=trainer.batch_sharding),
+    dict(frozen, unet=plan.layout.state.params),
+    plan.layout.base,
+    jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=plan.batch_sharding),
     jax.ShapeDtypeStruct((length,), jnp.int32, sharding=rep),
     jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
   )
 
 
-def sampler_outputs(trainer, args) -> tuple:
+def sampler_outputs(plan, args) -> tuple:
   """(trajectory, context [B, L, D], images [B, H, W, 3]) of one call, abstract, with their shardings."""
   import jax
 
-  trajectory, context, images = jax.eval_shape(trainer.sample_fn, *args)
-  batch, rep = trainer.batch_sharding, trainer.replicated
+  trajectory, context, images = jax.eval_shape(plan.jitted.sample, *args)
+  batch, rep = plan.batch_sharding, plan.replicated
   trajectory = trajectory.replace(
     latents=_sds(trajectory.latents, batch),
     log_probs=_sds(trajectory.log_probs, batch),
@@ -370,7 +410,7 @@ def sampler_outputs(trainer, args) -> tuple:
   return trajectory, _sds(context, batch), _sds(images, batch)
 
 
-def epoch_rollouts(trainer, outputs, num_batches: int):
+def epoch_rollouts(plan, outputs, num_batches: int):
   """The epoch's Rollouts (N = num_batches calls' samples), abstract, with their shardings."""
   import jax
   import jax.numpy as jnp
@@ -378,33 +418,33 @@ def epoch_rollouts(trainer, outputs, num_batches: int):
   from ddpo_jax import update
 
   trajectory, context, _ = outputs
-  batch = trainer.batch_sharding
+  batch = plan.batch_sharding
   grow = lambda x: jax.ShapeDtypeStruct((x.shape[0] * num_batches,) + x.shape[1:], x.dtype, sharding=batch)
   return update.Rollouts(
     latents=grow(trajectory.latents),
     log_probs=grow(trajectory.log_probs),
     timesteps=trajectory.timesteps,
     context=grow(context),
-    advantages=jax.ShapeDtypeStruct((context.shape[0] * num_batches,), jnp.float32, sharding=batch),
+    weights=jax.ShapeDtypeStruct((context.shape[0] * num_batches,), jnp.float32, sharding=batch),
   )
 
 
-def step_args(trainer, params, rollouts) -> tuple:
+def step_args(plan, params, rollouts) -> tuple:
   """(state, transitions, index, negative_context, base) of step_fn, abstract, with its shardings."""
   import jax
   import jax.numpy as jnp
 
   from ddpo_jax import sharding
 
-  rep = trainer.replicated
+  rep = plan.replicated
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
-  transitions = jax.eval_shape(trainer.transitions_fn, rollouts, key)
-  transitions = jax.tree.map(lambda x: _sds(x, sharding.batch_axis(trainer.mesh, 2)), transitions)
-  tokens = jax.ShapeDtypeStruct((1, trainer.model.max_prompt_tokens), jnp.int32, sharding=rep)
-  context = jax.eval_shape(trainer.encode_fn, jax.tree.map(lambda x: _sds(x, rep), params["text_encoder"]), tokens)
+  transitions = jax.eval_shape(plan.jitted.make_examples, rollouts, key)
+  transitions = jax.tree.map(lambda x: _sds(x, sharding.batch_axis(plan.mesh, 2)), transitions)
+  tokens = jax.ShapeDtypeStruct((1, plan.model.max_prompt_tokens), jnp.int32, sharding=rep)
+  context = jax.eval_shape(plan.jitted.encode, jax.tree.map(lambda x: _sds(x, rep), params["text_encoder"]), tokens)
   negative = jax.ShapeDtypeStruct(context.shape[1:], context.dtype, sharding=rep)
   index = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-  return trainer.abstract_state, transitions, index, negative, trainer.abstract_base
+  return plan.layout.state, transitions, index, negative, plan.layout.base
 
 
 def compiled_memory(jitted, args) -> Memory:
@@ -482,14 +522,18 @@ def saved_activation_bytes(model, settings, unet_params, minibatch, negative_con
   """
   import jax
 
-  from ddpo_jax import update
+  from ddpo_jax import methods
+
+  method_loss = methods.get(settings.method).loss
+
+  def loss(trained, minibatch, negative, base):
+    return method_loss(model, settings.adapter.unet_params(trained, base), minibatch, negative, settings, base)[0]
 
   def vjp(params, minibatch, negative, base):
-    return jax.vjp(lambda p: update.minibatch_loss(model, p, minibatch, negative, settings, base)[0], params)[1]
+    return jax.vjp(lambda p: loss(p, minibatch, negative, base), params)[1]
 
   total = residual_bytes(jax.make_jaxpr(vjp)(unet_params, minibatch, negative_context, base))
   if settings.remat:
-    loss = lambda p, m, n, b: update.minibatch_loss(model, p, m, n, settings, b)[0]
     forward = jax.make_jaxpr(loss)(unet_params, minibatch, negative_context, base)
     total += max((block_residual_bytes(block) for block in _remat_blocks(forward.jaxpr)), default=0)
   return total
@@ -578,39 +622,39 @@ def sampler_key(config, per_device: int, compile_: bool) -> tuple:
 
 
 class Setting:
-  """One config on one mesh: builds Trainers and measures the two phases."""
+  """One config on one mesh: builds Plans and measures the two phases."""
 
   def __init__(self, config, devices, compile_: bool):
     self.config, self.devices, self.compile = config, list(devices), compile_
     self.num_devices = len(self.devices)
     self._steps: dict[int, tuple] = {}
-    self._trainers: dict[int, tuple] = {}
+    self._plans: dict[int, tuple] = {}
 
-  def trainer(self, train_per_device: int):
-    """The Trainer of minibatches of `train_per_device` transitions per device, and the abstract params."""
-    if train_per_device not in self._trainers:
+  def plan(self, train_per_device: int):
+    """The Plan of minibatches of `train_per_device` transitions per device, and the abstract params."""
+    if train_per_device not in self._plans:
       sample_per_device = self.config.sample.batch_size // self.num_devices
       config = measuring_config(self.config, self.num_devices, sample_per_device, train_per_device)
-      self._trainers[train_per_device] = make_trainer(config, self.devices)
-    return self._trainers[train_per_device]
+      self._plans[train_per_device] = make_plan(config, self.devices)
+    return self._plans[train_per_device]
 
   def static_sizes(self) -> dict[str, Any]:
     """Bytes per device of the trained params (the UNet's or LoRA adapters), the rest of the train state
     (optimizer state, step, EMA params), the frozen base UNet (LoRA's and the KL's; 0 without) and the
     frozen VAE and text encoder."""
-    from ddpo_jax.models import architectures
     from ddpo_jax import sharding
+    from ddpo_jax.models import architectures
 
-    trainer, params = self.trainer(self.config.train.batch_size // self.num_devices)
-    state, shardings = trainer.abstract_state, trainer.state_sharding
+    plan, params = self.plan(self.config.train.batch_size // self.num_devices)
+    state, shardings = plan.layout.state, plan.layout.state_sharding
     unet = sharding.bytes_per_device(state.params, shardings.params)
     total = sharding.bytes_per_device(state, shardings)
     frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
-    base = trainer.abstract_base
+    base = plan.layout.base
     return {
       "unet_params": unet,
       "opt_state": total - unet,
-      "base_params": 0 if base is None else sharding.bytes_per_device(base, trainer.base_sharding),
+      "base_params": 0 if base is None else sharding.bytes_per_device(base, plan.layout.base_sharding),
       "frozen_params": architectures.num_bytes(frozen),
       "state_sharded_fraction": sharding.sharded_fraction(state, shardings),
     }
@@ -620,28 +664,28 @@ class Setting:
     key = sampler_key(self.config, per_device, self.compile)
     if key in _SAMPLERS:
       return _SAMPLERS[key]
-    trainer, params = self.trainer(self.config.train.batch_size // self.num_devices)
-    args = sampler_args(trainer, params, per_device * self.num_devices)
-    outputs = sampler_outputs(trainer, args)
+    plan, params = self.plan(self.config.train.batch_size // self.num_devices)
+    args = sampler_args(plan, params, per_device * self.num_devices)
+    outputs = sampler_outputs(plan, args)
     num_batches = samples_per_epoch(self.config) // (per_device * self.num_devices)
-    rollouts = epoch_rollouts(trainer, outputs, num_batches)
+    rollouts = epoch_rollouts(plan, outputs, num_batches)
     out_bytes = bytes_per_device(outputs)
-    copies = bytes_per_device(rollouts) - bytes_per_device(rollouts.advantages) if num_batches > 1 else 0
+    copies = bytes_per_device(rollouts) - bytes_per_device(rollouts.weights) if num_batches > 1 else 0
     sizes = {
       "sample_outputs": out_bytes,
-      "epoch_buffers": num_batches * out_bytes + copies + bytes_per_device(rollouts.advantages),
+      "epoch_buffers": num_batches * out_bytes + copies + bytes_per_device(rollouts.weights),
       "num_batches": num_batches,
     }
     if self.compile:
       logging.info("compiling the sampler: %d samples per device ...", per_device)
-      memory = compiled_memory(trainer.sample_fn, args)
+      memory = compiled_memory(plan.jitted.sample, args)
       logging.info("  %.1f s, %.2f GiB of temporaries", memory.seconds, memory.temp / GiB)
     else:
-      memory = self._rough_sampler(trainer, args, outputs, per_device)
+      memory = self._rough_sampler(plan, args, outputs, per_device)
     _SAMPLERS[key] = (memory, sizes)
     return memory, sizes
 
-  def _rough_sampler(self, trainer, args, outputs, per_device: int) -> Memory:
+  def _rough_sampler(self, plan, args, outputs, per_device: int) -> Memory:
     params, base, tokens, negative, key = args
     local = (
       _unsharded(params),
@@ -650,7 +694,7 @@ class Setting:
       _unsharded(negative),
       _unsharded(key),
     )
-    rough = int(ROUGH_SAMPLER_FACTOR * largest_intermediate_bytes(trainer._sample, *local))
+    rough = int(ROUGH_SAMPLER_FACTOR * largest_intermediate_bytes(plan.sampler(), *local))
     return Memory(argument=bytes_per_device(args), output=bytes_per_device(outputs), alias=0, temp=rough)
 
   def train(self, per_device: int) -> tuple[Memory, int]:
@@ -659,20 +703,17 @@ class Setting:
     The step's inputs are the epoch's transitions whatever the sampling
     calls' size, so sampling the epoch in the config's calls is as good as any.
     """
-    from ddpo_jax import train as train_lib
-
     if per_device in self._steps:
       return self._steps[per_device]
-    trainer, params = self.trainer(per_device)
+    plan, params = self.plan(per_device)
     sample_per_device = self.config.sample.batch_size // self.num_devices
     _, sizes = self.sample(sample_per_device)
-    args = sampler_args(trainer, params, sample_per_device * self.num_devices)
-    rollouts = epoch_rollouts(trainer, sampler_outputs(trainer, args), sizes["num_batches"])
-    state, transitions, index, negative, base = step_args(trainer, params, rollouts)
-    settings = train_lib.update_settings(trainer.config)
+    args = sampler_args(plan, params, sample_per_device * self.num_devices)
+    rollouts = epoch_rollouts(plan, sampler_outputs(plan, args), sizes["num_batches"])
+    state, transitions, index, negative, base = step_args(plan, params, rollouts)
     activations = saved_activation_bytes(
-      trainer.model,
-      settings,
+      plan.model,
+      plan.settings,
       _unsharded(state.params),
       local_minibatch(transitions, per_device),
       _unsharded(negative),
@@ -680,7 +721,7 @@ class Setting:
     )
     if self.compile:
       logging.info("compiling the training step: %d transitions per device ...", per_device)
-      memory = compiled_memory(trainer.step_fn, (state, transitions, index, negative, base))
+      memory = compiled_memory(plan.jitted.optimizer_step, (state, transitions, index, negative, base))
       logging.info("  %.1f s, %.2f GiB of temporaries", memory.seconds, memory.temp / GiB)
     else:
       state_bytes = bytes_per_device(state)

@@ -273,8 +273,8 @@ class Setup:
   def describe(self) -> dict[str, Any]:
     import jax
 
-    from ddpo_jax.models import architectures
     from ddpo_jax import models
+    from ddpo_jax.models import architectures
 
     return {
       "size": self.size,

@@ -1,7 +1,7 @@
 """Training methods, by name (config.train.method): see base.py for the record.
 
-  ddpo.py  ddpo_is (clipped importance sampling), ddpo_sf (score function)
-  rwr.py   rwr, rwr_sparse (the paper's reward-weighted regression baselines)
+ddpo.py  ddpo_is (clipped importance sampling), ddpo_sf (score function)
+rwr.py   rwr, rwr_sparse (the paper's reward-weighted regression baselines)
 """
 
 from ddpo_jax.methods import ddpo  # noqa: F401 (registers its methods)

@@ -145,8 +145,7 @@ def _check_common(config: ml_collections.ConfigDict) -> str | None:
 def _check_dense(config: ml_collections.ConfigDict) -> str | None:
   if not config.train.rwr_temperature > 0:
     return (
-      f"config.train.rwr_temperature={config.train.rwr_temperature} must be > 0 "
-      "(in the reward's units, e.g. its std)."
+      f"config.train.rwr_temperature={config.train.rwr_temperature} must be > 0 (in the reward's units, e.g. its std)."
     )
   return _check_common(config)
 

@@ -1,11 +1,11 @@
 """The model layer: Stable-Diffusion-shaped models and their pure functions.
 
-  diffusion.py      `DiffusionModel`, loading and saving in diffusers' layout, and the
-                    functions the rest of ddpo_jax calls (tokenize, encode_prompts,
-                    predict_noise, decode_latents, encode_images); re-exported here.
-  attention.py      the blocked attention with a written-out backward pass.
-  architectures.py  the modules of a model without its weights (memory planning).
-  clip.py           the CLIP vision tower with projection (the aesthetic reward's).
+diffusion.py      `DiffusionModel`, loading and saving in diffusers' layout, and the
+                  functions the rest of ddpo_jax calls (tokenize, encode_prompts,
+                  predict_noise, decode_latents, encode_images); re-exported here.
+attention.py      the blocked attention with a written-out backward pass.
+architectures.py  the modules of a model without its weights (memory planning).
+clip.py           the CLIP vision tower with projection (the aesthetic reward's).
 """
 
 from ddpo_jax.models.diffusion import SD_V1_SCHEDULER
