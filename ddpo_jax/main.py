@@ -2,6 +2,9 @@ r"""Runs DDPO.
 
     python -m ddpo_jax.main --config=configs/compress.py:tiny --workdir=runs/compress-tiny
 
+--config names a file of the current folder, or else the installed config of that file name, so the command above
+also runs outside the repository with ddpo_jax installed.
+
 Any setting can be overridden: --config.train.learning_rate=3e-4. Running the
 same command again with the same --workdir resumes from its latest checkpoint.
 On a multi-host TPU slice every worker runs the same command.
@@ -15,6 +18,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from ddpo_jax import config_utils
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file of configs/, optionally with :preset.", lock_config=True)
@@ -69,6 +74,14 @@ def quiet_third_party_deprecations() -> None:
     handler.addFilter(drop)
 
 
+def resolve_config_argument(argv: list[str]) -> list[str]:
+  """`argv` with --config's file found by `config_utils.find_config_file` (the :preset kept); ValueError if none.
+
+  The work is config_utils', which `python -m ddpo_jax.bench` shares without importing this module's flags.
+  """
+  return config_utils.resolve_config_argument(argv)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -85,4 +98,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  try:
+    sys.argv = resolve_config_argument(sys.argv)
+  except ValueError as error:
+    sys.exit(f"--config: {error}")
   app.run(main)

@@ -1,4 +1,4 @@
-"""`python -m ddpo_jax.bench rollout|train|epoch`: each runs on the smallest model and prints sane JSON lines.
+"""`python -m benchmarks rollout|train|epoch`: each runs on the smallest model and prints sane JSON lines.
 
 A smoke test of the figures' presence and sanity (positive, finite), and of
 the fairness check against the PyTorch reference; never of timings.
@@ -12,10 +12,10 @@ import os
 from absl import flags
 import pytest
 
-from ddpo_jax.bench import epoch
-from ddpo_jax.bench import rollout
-from ddpo_jax.bench import speed
-from ddpo_jax.bench import training
+from benchmarks import epoch
+from benchmarks import rollout
+from benchmarks import speed
+from benchmarks import training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = importlib.util.find_spec("torch") is not None

@@ -21,10 +21,10 @@ from ddpo_jax import objectives
 from ddpo_jax import prompts
 from ddpo_jax import rewards
 from ddpo_jax import sharding
-from ddpo_jax import study
 from ddpo_jax import train
 from ddpo_jax import update
 from ddpo_jax.toy import shapes
+from experiments import study
 
 EPOCHS = 2
 

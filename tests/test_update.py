@@ -1,6 +1,7 @@
 """The optimiser step (ddpo_jax/update.py): sharded == unsharded, accumulation unrolled == looped."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-r"""Benchmarks of ddpo_jax, one subcommand each:
+r"""The memory planner, one subcommand:
 
     python -m ddpo_jax.bench SUBCOMMAND --flags
 
@@ -9,12 +9,10 @@ Subcommands:
           GPU), and whether the config fits in its HBM. Runs no model and
           downloads nothing:
               python -m ddpo_jax.bench memory --config=configs/compress.py
-  rollout, train, epoch
-          Speed against the PyTorch reference in the same run (one JSON line
-          per measurement; see ddpo_jax/bench/speed.py):
-              python -m ddpo_jax.bench rollout --size=tiny
-              python -m ddpo_jax.bench train --size=mid
-              python -m ddpo_jax.bench epoch --size=tiny
+
+The speed benchmarks against the PyTorch reference (rollout, train, epoch) are
+not installed with the package: they live in benchmarks/ at the top of the
+repository (`python -m benchmarks rollout --size=tiny` from its root).
 
 A subcommand is a module of this package named in `SUBCOMMANDS`, which defines
 its own absl flags at import (only the chosen one is imported, so their flags
@@ -25,7 +23,4 @@ lists its flags. To add one, write ddpo_jax/bench/NAME.py and add NAME here.
 # name -> (module of ddpo_jax.bench, one line of help).
 SUBCOMMANDS = {
   "memory": ("memory", "bytes per device and whether a config fits in a target's HBM"),
-  "rollout": ("rollout", "sampling throughput, FLOP/s and compile time, against the PyTorch reference"),
-  "train": ("training", "training throughput (transitions/s), against the PyTorch reference"),
-  "epoch": ("epoch", "an epoch's wall time against the sum of its device work, and the reference's"),
 }

@@ -1,10 +1,11 @@
-"""`python -m ddpo_jax.bench SUBCOMMAND --flags`: runs one benchmark (see ddpo_jax/bench/__init__.py)."""
+"""`python -m ddpo_jax.bench SUBCOMMAND --flags`: runs one subcommand (see ddpo_jax/bench/__init__.py)."""
 
 import importlib
 import sys
 
 from absl import app
 
+from ddpo_jax import config_utils
 from ddpo_jax.bench import SUBCOMMANDS
 
 
@@ -24,8 +25,13 @@ def run(argv: list[str]) -> None:
     sys.exit(2)
   module = importlib.import_module(f"ddpo_jax.bench.{SUBCOMMANDS[name][0]}")
   module.define_flags()
+  try:
+    # --config=configs/compress.py also names the installed config outside the repository, as for ddpo_jax.main.
+    flags_argv = config_utils.resolve_config_argument(argv[2:])
+  except ValueError as error:
+    sys.exit(f"--config: {error}")
   # The subcommand sees its own flags as sys.argv[1:] (e.g. to pass them on to child processes).
-  sys.argv = [f"{argv[0]} {name}"] + argv[2:]
+  sys.argv = [f"{argv[0]} {name}"] + flags_argv
   app.run(module.main)
 
 

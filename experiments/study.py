@@ -1,6 +1,6 @@
 r"""The paper's comparison of DDPO with reward-weighted regression, on the toy world.
 
-    python -m ddpo_jax.study --out=docs/study --workdir=runs/study --seeds=0,1,2
+    python -m experiments.study --out=docs/study --workdir=runs/study --seeds=0,1,2
 
 Trains the shipped toy-world model with DDPO_IS, DDPO_SF, RWR and RWR-sparse
 on JPEG compressibility, incompressibility and toy prompt alignment (the tiny
@@ -44,12 +44,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpo_jax import charts
 from ddpo_jax import config_utils
 from ddpo_jax import metrics
+from experiments import charts
 
 FLAGS = flags.FLAGS
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # name -> (config file, title, RWR temperature: the pretrained model's reward std on the task, measured).
 TASKS: dict[str, tuple[str, str, float]] = {
@@ -99,7 +98,8 @@ def run_overrides(task: str, method: str, seed: int, num_epochs: int) -> dict[st
 
 
 def config_spec(task: str) -> str:
-  return os.path.join(CONFIGS, TASKS[task][0]) + ":tiny"
+  """The tiny preset of `task`'s config: in configs/ of the current folder (the repository root), else installed."""
+  return os.path.abspath(config_utils.find_config_file(os.path.join("configs", TASKS[task][0]))) + ":tiny"
 
 
 def run_config(task: str, method: str, seed: int, num_epochs: int) -> ml_collections.ConfigDict:

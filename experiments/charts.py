@@ -1,5 +1,5 @@
 """Line charts drawn with PIL (no matplotlib needed): the figures of the
-comparison scripts (`ddpo_jax.compare_regularisers`, `ddpo_jax.study`)."""
+comparison scripts (`experiments.compare_regularisers`, `experiments.study`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 r"""DDPO against its regularised variants on the tiny preset, as a PNG plot.
 
-    python -m ddpo_jax.compare_regularisers --out=docs/regularisers.png --workdir=runs/regularisers
+    python -m experiments.compare_regularisers --out=docs/regularisers.png --workdir=runs/regularisers
 
 Trains the shipped toy-world model for JPEG compressibility
 (`configs/compress.py:tiny`) on toy-world captions (`toy_scenes`) several
@@ -26,12 +26,13 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpo_jax import charts
 from ddpo_jax import config_utils
 from ddpo_jax import metrics
+from experiments import charts
 
 FLAGS = flags.FLAGS
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "compress.py")
+# configs/ of the current folder (the repository root), else the installed one (config_utils.find_config_file).
+CONFIG = "configs/compress.py"
 # The trained reward and the cross reward, as `weighted` logs them.
 REWARD, CROSS_REWARD = "reward_jpeg_compressibility_mean", "reward_toy_alignment_mean"
 

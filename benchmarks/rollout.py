@@ -1,10 +1,10 @@
-r"""`python -m ddpo_jax.bench rollout`: sampling throughput, ours against the PyTorch reference.
+r"""`python -m benchmarks rollout`: sampling throughput, ours against the PyTorch reference.
 
-    python -m ddpo_jax.bench rollout --size=tiny
-    python -m ddpo_jax.bench rollout --size=mid --repeats=3
+    python -m benchmarks rollout --size=tiny
+    python -m benchmarks rollout --size=mid --repeats=3
 
 One sampling call (text encoding, T guided DDIM steps with log-probs, VAE
-decoding) of the Trainer's compiled sampler; see ddpo_jax/bench/speed.py for
+decoding) of the Trainer's compiled sampler; see benchmarks/speed.py for
 the figures and the reference.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from absl import app
 
-from ddpo_jax.bench import speed
+from benchmarks import speed
 
 define_flags = speed.define_flags
 
@@ -30,7 +30,7 @@ def main(argv):
   negative_context = s.trainer.negative_context(args[0])
   runs = {"ours": lambda: jax.block_until_ready(sampler(*args))}
   if use_reference:
-    from ddpo_jax.bench import reference
+    from benchmarks import reference
 
     ref = reference.convert(s.model, s.params)
     speed.emit(

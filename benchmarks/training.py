@@ -1,20 +1,20 @@
-r"""`python -m ddpo_jax.bench train`: training throughput, ours against the PyTorch reference.
+r"""`python -m benchmarks train`: training throughput, ours against the PyTorch reference.
 
-    python -m ddpo_jax.bench train --size=tiny
-    python -m ddpo_jax.bench train --size=mid --minibatch=16
+    python -m benchmarks train --size=tiny
+    python -m benchmarks train --size=mid --minibatch=16
 
 One inner epoch over one sampling call's transitions (B x T): the Trainer's
 compiled `make_transitions` and optimiser steps (forward and backward of
 every transition, one AdamW step); the reference does one forward and
 backward pass per timestep on minibatches of --reference_minibatch
-trajectories. See ddpo_jax/bench/speed.py.
+trajectories. See benchmarks/speed.py.
 """
 
 from __future__ import annotations
 
 from absl import app
 
-from ddpo_jax.bench import speed
+from benchmarks import speed
 
 define_flags = speed.define_flags
 
@@ -45,7 +45,7 @@ def main(argv):
 
   runs = {"ours": ours}
   if use_reference:
-    from ddpo_jax.bench import reference
+    from benchmarks import reference
 
     ref = reference.convert(s.model, s.params)
     speed.emit(

@@ -1,6 +1,6 @@
-r"""`python -m ddpo_jax.bench epoch`: an epoch's wall time against the sum of its device work.
+r"""`python -m benchmarks epoch`: an epoch's wall time against the sum of its device work.
 
-    python -m ddpo_jax.bench epoch --size=tiny --num_batches=2
+    python -m benchmarks epoch --size=tiny --num_batches=2
 
 An epoch as the training loop runs it: --num_batches sampling calls
 dispatched back to back, each batch's JPEG-compressibility rewards computed
@@ -17,7 +17,7 @@ import concurrent.futures
 
 from absl import app
 
-from ddpo_jax.bench import speed
+from benchmarks import speed
 
 define_flags = speed.define_flags
 
@@ -78,7 +78,7 @@ def main(argv):
     "ours_train_alone": lambda: jax.block_until_ready(train(fixed)),
   }
   if use_reference:
-    from ddpo_jax.bench import reference
+    from benchmarks import reference
 
     ref = reference.convert(s.model, s.params)
     optimizer = reference.make_optimizer(ref)

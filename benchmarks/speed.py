@@ -1,9 +1,9 @@
-r"""Speed benchmarks shared by `python -m ddpo_jax.bench rollout|train|epoch`.
+r"""Speed benchmarks shared by `python -m benchmarks rollout|train|epoch`.
 
-    python -m ddpo_jax.bench rollout --size=tiny
-    python -m ddpo_jax.bench train --size=mid --repeats=3
-    python -m ddpo_jax.bench epoch --size=tiny --noreference
-    python -m ddpo_jax.bench rollout --size=config --config=configs/compress.py --noreference   # SD v1.4, on a TPU
+    python -m benchmarks rollout --size=tiny
+    python -m benchmarks train --size=mid --repeats=3
+    python -m benchmarks epoch --size=tiny --noreference
+    python -m benchmarks rollout --size=config --config=configs/compress.py --noreference   # SD v1.4, on a TPU
 
 The model has random weights: `--size=tiny` (UNet 0.8M params, 16x16 latents,
 batch 16, 10 steps), `--size=mid` (12.5M params, 3 levels, 32x32 latents,
@@ -12,7 +12,7 @@ built from its architecture without downloading weights). CFG is on (the
 config's guidance scale), eta 1.
 
 Each measurement is one JSON line on stdout. With --reference (the default
-when torch is importable) the PyTorch reference (ddpo_jax/bench/reference.py:
+when torch is importable) the PyTorch reference (benchmarks/reference.py:
 the same modules with our weights converted, run in the design of DDPO's
 PyTorch code) runs in the same process, its repetitions interleaved with ours
 (ours, reference, ours, ...) so that a busy machine slows both alike, and a
@@ -560,8 +560,8 @@ def check_against_reference(s: Setup, ref, trajectory, context, negative_context
   import jax
   import numpy as np
 
+  from benchmarks import reference
   from ddpo_jax import update
-  from ddpo_jax.bench import reference
 
   latents = np.asarray(trajectory.latents)  # [B, T+1, C, h, w]
   batch, num_steps = np.asarray(trajectory.log_probs).shape
