@@ -38,15 +38,15 @@ def main(argv):
   reward_fn = rewards_lib.make("jpeg_compressibility")
   pool = concurrent.futures.ThreadPoolExecutor(1)
   params, _, token_ids, negative_ids, key = speed.sampler_args(s)
-  negative_context = s.trainer.negative_context(params)
-  state = [s.trainer.init_state(s.params)]
-  trainer = s.trainer
+  run = [None]  # the trainer's steps, compiled ahead within the first epoch's time (as a run compiles before epoch 0)
+  state = [s.init_state()]
+  negative_context = s.negative_context(params)
 
   def sample(b):
-    return trainer.sample_fn(params, None, token_ids, negative_ids, jax.random.fold_in(key, b))
+    return run[0].sample(params, None, token_ids, negative_ids, jax.random.fold_in(key, b))
 
   def train(rollouts):
-    state[0], metrics = trainer.train_inner_epoch(state[0], rollouts, negative_context, key)
+    state[0], metrics = run[0].train_inner_epoch(state[0], rollouts, negative_context, key)
     return metrics
 
   def ours_epoch():
@@ -58,11 +58,15 @@ def main(argv):
       log_probs=jnp.concatenate([b[0].log_probs for b in batches]),
       timesteps=batches[0][0].timesteps,
       context=jnp.concatenate([b[1] for b in batches]),
-      advantages=jnp.asarray(advantages),
+      weights=jnp.asarray(advantages),
     )
     jax.block_until_ready(train(rollouts))
 
-  _, first_epoch_s = speed.timed(ours_epoch)
+  def first_epoch():
+    run[0] = s.build_steps()
+    ours_epoch()
+
+  _, first_epoch_s = speed.timed(first_epoch)
   batches = jax.block_until_ready([sample(b) for b in range(num_batches)])
   advantages = np.random.default_rng(0).standard_normal(s.batch_size * num_batches).astype(np.float32)
   fixed = update.Rollouts(
@@ -103,7 +107,7 @@ def main(argv):
         host_negative,
         advantages_lib.normalize(rewards),
         trajectories_per_minibatch=s.reference_minibatch,
-        num_updates=trainer.num_updates,
+        num_updates=s.num_updates,
         **kwargs,
       )
 

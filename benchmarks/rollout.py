@@ -25,9 +25,9 @@ def main(argv):
   import numpy as np
 
   args = speed.sampler_args(s)
-  sampler, compile_s = speed.compile_ahead(s.trainer.sample_fn, *args)
+  sampler, compile_s = speed.compile_ahead(s.jitted.sample, *args)
   trajectory, context, images = jax.block_until_ready(sampler(*args))
-  negative_context = s.trainer.negative_context(args[0])
+  negative_context = s.negative_context(args[0])
   runs = {"ours": lambda: jax.block_until_ready(sampler(*args))}
   if use_reference:
     from benchmarks import reference

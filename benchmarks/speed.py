@@ -252,15 +252,56 @@ def build_model(size: str, config, dtype: str, attention: str, seed: int = 0):
 
 @dataclasses.dataclass
 class Setup:
-  """What every subcommand needs: the model, the Trainer and the run's settings."""
+  """What every subcommand needs: the model, the run's jitted steps (ddpo_jax.steps) and its settings.
+
+  `model` carries the attention the config resolves to; `config` its resolved "auto" settings.
+  """
 
   size: str
   model: Any
   params: Any
   config: Any
-  trainer: Any
+  mesh: Any
+  layout: Any
+  jitted: Any
   prompts: list[str]
   reference_minibatch: int
+
+  @property
+  def settings(self):
+    from ddpo_jax import steps
+
+    return steps.update_settings(self.config)
+
+  @property
+  def num_updates(self) -> int:
+    from ddpo_jax import update
+
+    return update.num_updates_per_inner_epoch(self.config)
+
+  @property
+  def negative_tokens(self):
+    from ddpo_jax import models
+
+    return models.tokenize(self.model, [""])[0]
+
+  def negative_context(self, params):
+    return self.jitted.encode(params["text_encoder"], self.negative_tokens[None])[0]
+
+  def init_state(self):
+    import jax
+
+    from ddpo_jax import train_state
+
+    unet = jax.device_put(self.params["unet"], self.layout.unet_sharding, may_alias=False)
+    return self.jitted.init_state(unet, train_state.adapter_key(self.config.seed))
+
+  def build_steps(self):
+    """The trainer's steps compiled ahead (`steps.build`), as a run compiles them."""
+    from ddpo_jax import steps
+
+    frozen = {"vae": self.params["vae"], "text_encoder": self.params["text_encoder"]}
+    return steps.build(self.config, self.model, self.mesh, self.layout, frozen)
 
   @property
   def batch_size(self) -> int:
@@ -273,7 +314,6 @@ class Setup:
   def describe(self) -> dict[str, Any]:
     import jax
 
-    from ddpo_jax import models
     from ddpo_jax.models import architectures
 
     return {
@@ -286,8 +326,8 @@ class Setup:
       "guidance_scale": float(self.config.sample.guidance_scale),
       "dtype": str(self.config.model.dtype),
       "attention": [k for k, v in ATTENTION.items() if all(getattr(self.model.unet, f) == x for f, x in v.items())][0],
-      # Our blocked attention's block (0: diffusers' layers); $DDPO_JAX_ATTENTION_BLOCK_MB sets it.
-      "attention_block_mb": models.attention_block_bytes() / 2**20,
+      # Our blocked attention's block (0: diffusers' layers); --config.model.attention_block_mb sets it.
+      "attention_block_mb": self.model.attention_block_bytes / 2**20,
       "device": jax.devices()[0].device_kind,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
@@ -331,7 +371,7 @@ def setup(num_batches: int = 1) -> Setup:
   import numpy as np
 
   from ddpo_jax import sharding
-  from ddpo_jax import train
+  from ddpo_jax import steps
   from ddpo_jax.toy import shapes as toy_shapes
 
   preset = PRESETS.get(FLAGS.size)
@@ -339,12 +379,13 @@ def setup(num_batches: int = 1) -> Setup:
   config = bench_config(FLAGS.config, preset, overrides, num_batches, FLAGS.dtype)
   model, params = build_model(FLAGS.size, config, FLAGS.dtype, FLAGS.attention, config.seed)
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-  trainer = train.Trainer(config, model, mesh, params)
+  config, model, layout = steps.configure(config, model, params["unet"], mesh)
+  jitted = steps.jit(config, model, mesh, layout)
   words = toy_shapes.vocabulary()
   rng = np.random.default_rng(0)
   prompts = [" ".join(rng.choice(words, 4)) for _ in range(config.sample.batch_size)]
   reference_minibatch = FLAGS.reference_minibatch or (preset.reference_minibatch if preset else 4)
-  return Setup(FLAGS.size, model, params, config, trainer, prompts, reference_minibatch)
+  return Setup(FLAGS.size, model, params, config, mesh, layout, jitted, prompts, reference_minibatch)
 
 
 def want_reference() -> bool:
@@ -464,7 +505,7 @@ def compile_seconds_by_steps(s: Setup, args, steps: list[int], repeats: int) -> 
   seconds = {n: [] for n in steps}
   for _ in range(repeats):
     for n in steps:
-      settings = dc.replace(s.trainer.sampler_settings, num_steps=n)
+      settings = dc.replace(s.settings.sampler, num_steps=n)
       jax.clear_caches()
       sampler = sampling.make_sampler(s.model, settings)
       seconds[n].append(compile_ahead(sampler, params, token_ids, negative_ids, key)[1])
@@ -477,9 +518,11 @@ def sampler_args(s: Setup, seed: int = 0):
   from ddpo_jax import models
   from ddpo_jax import sharding
 
-  token_ids = sharding.host_to_global(models.tokenize(s.model, s.prompts), s.trainer.batch_sharding)
-  params = jax.device_put(s.params, s.trainer.params_sharding)
-  return (params, None, token_ids, s.trainer.negative_tokens, jax.random.PRNGKey(seed))
+  token_ids = sharding.host_to_global(models.tokenize(s.model, s.prompts), sharding.batch(s.mesh))
+  replicated = sharding.replicated(s.mesh)
+  params_sharding = {"unet": s.layout.state_sharding.params, "vae": replicated, "text_encoder": replicated}
+  params = jax.device_put(s.params, params_sharding)
+  return (params, None, token_ids, s.negative_tokens, jax.random.PRNGKey(seed))
 
 
 def rollout_flops(s: Setup, context, negative_context) -> float:
@@ -494,7 +537,7 @@ def rollout_flops(s: Setup, context, negative_context) -> float:
   from ddpo_jax import models
   from ddpo_jax import sampling
 
-  settings = s.trainer.sampler_settings
+  settings = s.settings.sampler
   kwargs = sampling.ddim_kwargs(s.model, settings)
   latents = jnp.zeros((s.batch_size, s.model.latent_channels, s.model.latent_size, s.model.latent_size))
 
@@ -510,19 +553,14 @@ def rollout_flops(s: Setup, context, negative_context) -> float:
 
 def minibatch_flops(s: Setup, transitions, negative_context) -> float:
   """FLOPs of one minibatch's loss and gradient (XLA cost analysis)."""
-  import functools
-
   import jax
 
-  from ddpo_jax import update
+  from ddpo_jax import methods
 
   minibatch = jax.tree.map(lambda x: x[0, 0], transitions)
-  grad_fn = jax.grad(functools.partial(update.minibatch_loss, s.model), has_aux=True)
-  compiled = (
-    jax.jit(lambda p, m, n: grad_fn(p, m, n, s.trainer.settings))
-    .lower(s.params["unet"], minibatch, negative_context)
-    .compile()
-  )
+  loss = methods.get(s.settings.method).loss
+  grad_fn = jax.grad(lambda p, m, n: loss(s.model, p, m, n, s.settings), has_aux=True)
+  compiled = jax.jit(grad_fn).lower(s.params["unet"], minibatch, negative_context).compile()
   return flops_of(compiled)
 
 
@@ -536,7 +574,7 @@ def make_rollouts(s: Setup, trajectory, context, advantages):
     log_probs=trajectory.log_probs,
     timesteps=trajectory.timesteps,
     context=context,
-    advantages=jnp.asarray(advantages, jnp.float32),
+    weights=jnp.asarray(advantages, jnp.float32),
   )
 
 
@@ -561,14 +599,14 @@ def check_against_reference(s: Setup, ref, trajectory, context, negative_context
   import numpy as np
 
   from benchmarks import reference
-  from ddpo_jax import update
+  from ddpo_jax.methods import ddpo
 
   latents = np.asarray(trajectory.latents)  # [B, T+1, C, h, w]
   batch, num_steps = np.asarray(trajectory.log_probs).shape
   rows = np.repeat(np.arange(batch), num_steps)
   steps = np.tile(np.arange(num_steps), batch)
   timesteps = np.asarray(trajectory.timesteps)[steps]
-  minibatch = update.Transitions(
+  minibatch = ddpo.Transitions(
     latents=latents[rows, steps],
     next_latents=latents[rows, steps + 1],
     timesteps=timesteps,
@@ -576,7 +614,7 @@ def check_against_reference(s: Setup, ref, trajectory, context, negative_context
     advantages=np.zeros(len(rows), np.float32),
     context=np.asarray(context)[rows],
   )
-  log_probs = jax.jit(lambda p, m, n: update.transition_log_probs(s.model, p, m, n, s.trainer.sampler_settings))
+  log_probs = jax.jit(lambda p, m, n: ddpo.transition_log_probs(s.model, p, m, n, s.settings.sampler))
   # In chunks of a sampling batch: all B x T transitions at once would hold T times the rollout's attention scores.
   chunks = [jax.tree.map(lambda x, i=i: x[i : i + batch], minibatch) for i in range(0, len(rows), batch)]
   ours = np.concatenate([np.asarray(log_probs(s.params["unet"], c, negative_context)) for c in chunks])

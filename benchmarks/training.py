@@ -27,19 +27,20 @@ def main(argv):
   import numpy as np
 
   args = speed.sampler_args(s)
-  trajectory, context, images = jax.block_until_ready(s.trainer.sample_fn(*args))
+  trajectory, context, images = jax.block_until_ready(s.jitted.sample(*args))
   advantages = np.random.default_rng(0).standard_normal(s.batch_size).astype(np.float32)
   rollouts = speed.make_rollouts(s, trajectory, context, advantages)
-  negative_context = s.trainer.negative_context(args[0])
+  negative_context = s.negative_context(args[0])
   key = jax.random.PRNGKey(1)
-  state = [s.trainer.init_state(s.params)]
-  make_transitions, transitions_s = speed.compile_ahead(s.trainer.transitions_fn, rollouts, key)
+  state = [s.init_state()]
+  make_transitions, transitions_s = speed.compile_ahead(s.jitted.make_examples, rollouts, key)
   transitions = make_transitions(rollouts, key)
-  step, step_s = speed.compile_ahead(s.trainer.step_fn, state[0], transitions, np.int32(0), negative_context, None)
+  step_args = (state[0], transitions, np.int32(0), negative_context, None)
+  step, step_s = speed.compile_ahead(s.jitted.optimizer_step, *step_args)
 
   def ours():
     batch = make_transitions(rollouts, key)
-    for index in range(s.trainer.num_updates):
+    for index in range(s.num_updates):
       state[0], metrics = step(state[0], batch, np.int32(index), negative_context, None)
     jax.block_until_ready((state[0], metrics))
 
@@ -55,13 +56,13 @@ def main(argv):
     host = [np.asarray(x) for x in (trajectory.latents, trajectory.log_probs, trajectory.timesteps, context)]
     host_negative = np.asarray(negative_context)
     kwargs = dict(
-      trajectories_per_minibatch=s.reference_minibatch, num_updates=s.trainer.num_updates, **speed.reference_kwargs(s)
+      trajectories_per_minibatch=s.reference_minibatch, num_updates=s.num_updates, **speed.reference_kwargs(s)
     )
     runs["reference"] = lambda: reference.train_inner_epoch(ref, optimizer, *host, host_negative, advantages, **kwargs)
   seconds = speed.interleaved(runs, speed.FLAGS.repeats, speed.FLAGS.warmup)
-  num_minibatches = s.trainer.num_updates * s.config.train.gradient_accumulation_steps
-  if s.trainer.settings.unroll_accumulation:  # the step's cost analysis counts every minibatch
-    flops = speed.flops_of(step) * s.trainer.num_updates
+  num_minibatches = s.num_updates * s.config.train.gradient_accumulation_steps
+  if s.settings.unroll_accumulation:  # the step's cost analysis counts every minibatch
+    flops = speed.flops_of(step) * s.num_updates
   else:  # XLA's cost analysis counts a loop's body once
     flops = speed.minibatch_flops(s, transitions, negative_context) * num_minibatches
   num_transitions = s.batch_size * s.num_steps
@@ -76,7 +77,7 @@ def main(argv):
       seconds_all=values,
       transitions=num_transitions,
       transitions_per_s=num_transitions / median,
-      optimizer_steps=s.trainer.num_updates,
+      optimizer_steps=s.num_updates,
     )
     if name == "ours":
       record.update(

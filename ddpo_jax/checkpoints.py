@@ -35,10 +35,6 @@ import orbax.checkpoint as ocp
 from ddpo_jax import sharding
 from ddpo_jax import validation
 
-# Lines of a tree difference quoted in the error.
-MAX_DIFFERENCES = 8
-
-
 class IncompatibleCheckpoints(validation.ConfigError):
   """Checkpoints exist, but none restores into the current train state."""
 
@@ -64,16 +60,24 @@ def _leaf_descriptions(tree: Any) -> dict[str, str]:
   return out
 
 
-def tree_differences(expected: Any, stored: Any) -> list[str]:
-  """What differs between the state a run expects and a checkpoint's stored tree, one line each."""
+def tree_differences(expected: Any, stored: Any, examples: int = 3) -> list[str]:
+  """What differs between the state a run expects and a checkpoint's stored tree: one line per kind of
+  difference (leaves only in this run, only in the checkpoint, of another shape or dtype), with a count and
+  the first `examples` paths."""
   want, have = _leaf_descriptions(expected), _leaf_descriptions(stored)
-  lines = [
-    f"{path}: this run has {want[path]}, the checkpoint {have[path]}"
-    for path in want
-    if path in have and want[path] != have[path]
-  ]
-  lines += [f"{path}: only in this run ({want[path]})" for path in want if path not in have]
-  lines += [f"{path}: only in the checkpoint ({have[path]})" for path in have if path not in want]
+  kinds = (
+    ("only in this run", [f"{p} ({want[p]})" for p in want if p not in have]),
+    ("only in the checkpoint", [f"{p} ({have[p]})" for p in have if p not in want]),
+    (
+      "of another shape or dtype",
+      [f"{p}: this run {want[p]}, the checkpoint {have[p]}" for p in want if p in have and want[p] != have[p]],
+    ),
+  )
+  lines = []
+  for kind, paths in kinds:
+    if paths:
+      more = f", and {len(paths) - examples} more" if len(paths) > examples else ""
+      lines.append(f"{len(paths)} leaves {kind}: " + "; ".join(paths[:examples]) + more)
   return lines
 
 
@@ -137,19 +141,16 @@ class Checkpointer:
 
   def _incompatible_message(self, step: int, abstract_state: Any, problem: str) -> str:
     try:
-      stored = self.manager.item_metadata(step)["state"]
-      differences = tree_differences(abstract_state, stored)
+      metadata = ocp.StandardCheckpointer().metadata(os.path.join(self.directory, str(step), "state"))
+      differences = tree_differences(abstract_state, getattr(metadata, "item_metadata", metadata))
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint may not even have readable metadata
       differences = [f"its metadata cannot be read ({first_line(e)})"]
     if not differences:
       differences = [problem]
-    shown = differences[:MAX_DIFFERENCES]
-    if len(differences) > MAX_DIFFERENCES:
-      shown.append(f"... and {len(differences) - MAX_DIFFERENCES} more")
     workdir = os.path.dirname(self.directory)
     return (
       f"{self.directory} holds checkpoints {self.steps()}, but none restores into this run's train state. "
-      f"The newest, {os.path.join(self.directory, str(step))}, differs:\n  " + "\n  ".join(shown) + "\n"
+      f"The newest, {os.path.join(self.directory, str(step))}, differs:\n  " + "\n  ".join(differences) + "\n"
       f"Resume with the settings that wrote it (see {os.path.join(workdir, 'config.json')}), "
       "or start this configuration in a new --workdir."
     )

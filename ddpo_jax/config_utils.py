@@ -112,6 +112,9 @@ def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.
     node = config
     for section in sections:
       node = node[section]
+    # The kwargs of a reward or prompt function are open: their names are the factory's.
+    if name not in node and sections[-1:] != ["kwargs"]:
+      raise KeyError(f"the config has no setting {key!r}; check its spelling against configs/base.py.")
     node[name] = value
   return config
 

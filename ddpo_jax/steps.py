@@ -354,31 +354,39 @@ def prepare(
   return build(config, model, mesh, layout, {"vae": params["vae"], "text_encoder": params["text_encoder"]})
 
 
+# The compiled steps of a run; the evaluation alone needs only the samplers.
+STEP_NAMES = ("sample", "eval_sample", "make_examples", "optimizer_step")
+
+
 def build(
   config: ml_collections.ConfigDict,
   model: models.DiffusionModel,
   mesh: Mesh,
   layout: train_state.StateLayout,
   frozen: dict[str, Any],
+  names: tuple[str, ...] = STEP_NAMES,
 ) -> Steps:
   """Compiles the run's steps ahead, logging each one's memory per device.
 
   Args:
     frozen: the frozen modules' params {"vae", "text_encoder"} (arrays or ShapeDtypeStructs).
+    names: the steps to compile (of STEP_NAMES); the others are None.
   """
   jitted = jit(config, model, mesh, layout)
   inputs = abstract_inputs(config, model, mesh, layout, frozen, jitted)
-  compiled, memory = {}, {}
+  compiled, memory = dict.fromkeys(STEP_NAMES), {}
   for name, args in (
     ("sample", inputs.sample),
     ("make_examples", inputs.make_examples),
     ("optimizer_step", inputs.optimizer_step),
   ):
-    compiled[name], memory[name] = compile_ahead(getattr(jitted, name), args)
-  if jitted.eval_sample is jitted.sample:
-    compiled["eval_sample"] = compiled["sample"]
-  else:
-    compiled["eval_sample"], memory["eval_sample"] = compile_ahead(jitted.eval_sample, inputs.sample)
+    if name in names:
+      compiled[name], memory[name] = compile_ahead(getattr(jitted, name), args)
+  if "eval_sample" in names:
+    if jitted.eval_sample is jitted.sample and compiled["sample"] is not None:
+      compiled["eval_sample"] = compiled["sample"]
+    else:
+      compiled["eval_sample"], memory["eval_sample"] = compile_ahead(jitted.eval_sample, inputs.sample)
   for name, m in memory.items():
     logging.info("compiled %s: %s", name, m.describe())
   return Steps(

@@ -70,10 +70,7 @@ def variant_config(name: str, num_epochs: int, kl_coef: float | None = None) -> 
   overrides = dict(VARIANTS[name][1])
   if name in ("kl", "group_kl") and kl_coef is not None:
     overrides["train.kl_coef"] = kl_coef
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = value
-  return config
+  return config_utils.override(config, overrides)
 
 
 def run_variant(name: str, workdir: str, num_epochs: int, kl_coef: float | None = None) -> list[dict[str, Any]]:

@@ -78,3 +78,28 @@ def tiny_run(tiny_loaded, tiny_model_dir):
     params, None, run.token_ids(captions), run.negative_tokens, jax.random.PRNGKey(0)
   )
   return config, params, run, trajectory, context, images
+
+
+def random_transitions(model, params, m=8):
+  """DDPO transitions [m] of random latents at the 4-step schedule's timesteps, with toy captions' context."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from ddpo_jax import ddim
+  from ddpo_jax import models
+  from ddpo_jax.methods import ddpo
+  from ddpo_jax.toy import shapes
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  shape = (m, model.latent_channels, model.latent_size, model.latent_size)
+  steps = ddim.inference_timesteps(model.schedule.num_train_timesteps, 4, model.schedule.steps_offset)
+  token_ids = models.tokenize(model, [s.caption for s in shapes.all_scenes()[:m]])
+  return ddpo.Transitions(
+    latents=jax.random.normal(keys[0], shape),
+    next_latents=jax.random.normal(keys[1], shape),
+    timesteps=jnp.asarray(np.resize(steps, m), jnp.int32),
+    old_log_probs=jnp.zeros((m,)),
+    advantages=jax.random.normal(keys[2], (m,)),
+    context=models.encode_prompts(model, params["text_encoder"], token_ids),
+  )

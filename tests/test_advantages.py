@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from ddpo_jax import advantages
 from ddpo_jax.advantages import PerPromptStatTracker
 from ddpo_jax.advantages import compute_advantages
 from ddpo_jax.advantages import normalize
@@ -87,3 +88,23 @@ def test_invalid_sizes():
     PerPromptStatTracker(buffer_size=0, min_count=0)
   with pytest.raises(ValueError):
     PerPromptStatTracker(buffer_size=4, min_count=5)
+
+
+def test_group_advantages_by_hand():
+  rewards_ = np.array([1.0, 3.0, 2.0, 2.0, 5.0, 5.0, 0.0, 4.0, np.nan, 7.0, 1.0, np.nan])
+  adv, tied = advantages.group_advantages(rewards_, 2, std="group")
+  # groups: (1, 3): mean 2, std 1; (2, 2) tied; (5, 5) tied; (0, 4): mean 2, std 2;
+  # (nan, 7): one valid sample: tied; (1, nan): tied.
+  np.testing.assert_allclose(adv, [-1, 1, 0, 0, 0, 0, -1, 1, 0, 0, 0, 0], atol=1e-5)
+  np.testing.assert_array_equal(tied, [False, True, True, False, True, True])
+  assert adv.dtype == np.float32
+
+  adv, tied = advantages.group_advantages(rewards_, 2, std="batch")
+  batch_std = np.nanstd(rewards_)  # over the 10 valid rewards
+  np.testing.assert_allclose(adv, np.array([-1, 1, 0, 0, 0, 0, -2, 2, 0, 0, 0, 0]) / batch_std, rtol=1e-5)
+
+  adv, tied = advantages.group_advantages(np.array([1.0, 2.0, 3.0, 9.0, 9.0, 9.0]), 3)
+  np.testing.assert_allclose(adv, [-np.sqrt(1.5), 0, np.sqrt(1.5), 0, 0, 0], rtol=1e-5)
+  np.testing.assert_array_equal(tied, [False, True])
+  with pytest.raises(ValueError, match="groups of 4"):
+    advantages.group_advantages(np.zeros(6), 4)

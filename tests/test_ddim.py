@@ -121,3 +121,32 @@ def test_timesteps_are_the_schedulers():
   np.testing.assert_array_equal(ours, np.asarray(state.timesteps))
   assert ours[0] == 981 and ours[-1] == 1
   np.testing.assert_allclose(np.asarray(state.common.alphas_cumprod), sd_alphas_cumprod(), rtol=1e-5)
+
+
+def test_gaussian_kl_matches_numpy():
+  rng = np.random.default_rng(0)
+  mean, reference = rng.standard_normal((2, 3, 4, 5, 5))
+  std = np.array([0.5, 0.1, 2.0]).reshape(3, 1, 1, 1)
+  kl = ddim.gaussian_kl(jnp.asarray(mean, jnp.float32), jnp.asarray(reference, jnp.float32), jnp.asarray(std))
+  # KL of two Gaussians with a shared diagonal σ, summed over the 100 elements, then / 100.
+  d = mean[0].size
+  expected = [
+    0.5 * np.sum(np.log(s**2 / s**2) + (s**2 + (m - r) ** 2) / s**2 - 1) / d
+    for m, r, s in zip(mean, reference, std.ravel())
+  ]
+  np.testing.assert_allclose(np.asarray(kl), expected, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(ddim.gaussian_kl(jnp.asarray(mean), jnp.asarray(mean), 0.3)), 0.0)
+
+
+def test_mean_and_std_are_the_steps():
+  """ddim_step_with_logprob's sample and log-prob come from ddim_mean_and_std's Gaussian."""
+  rng = np.random.default_rng(1)
+  betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+  kwargs = dict(alphas_cumprod=np.cumprod(1 - betas), final_alpha_cumprod=0.99915, step_ratio=20, eta=1.0)
+  x_t, output = (jnp.asarray(rng.standard_normal((2, 4, 3, 3)), jnp.float32) for _ in range(2))
+  t = jnp.array([981, 1])
+  mean, std = ddim.ddim_mean_and_std(output, t, x_t, **kwargs)
+  prev, log_prob = ddim.ddim_step_with_logprob(output, t, x_t, key=jax.random.PRNGKey(0), **kwargs)
+  z = jax.random.normal(jax.random.PRNGKey(0), x_t.shape)
+  np.testing.assert_array_equal(np.asarray(prev), np.asarray(mean + std * z))
+  np.testing.assert_array_equal(np.asarray(log_prob), np.asarray(ddim.gaussian_log_prob(prev, mean, std)))

@@ -16,12 +16,13 @@ from PIL import Image
 import pytest
 
 from ddpo_jax import evaluation
+from ddpo_jax import methods
 from ddpo_jax import models
 from ddpo_jax import objectives
 from ddpo_jax import prompts
 from ddpo_jax import rewards
 from ddpo_jax import sharding
-from ddpo_jax import train
+from ddpo_jax import steps
 from ddpo_jax import update
 from ddpo_jax.toy import shapes
 from experiments import study
@@ -98,10 +99,10 @@ def test_denoising_examples_are_noised_final_latents():
     log_probs=jnp.zeros((n, steps)),
     timesteps=jnp.arange(steps)[::-1],
     context=jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32)[:, None, None], (n, 2, 4)),
-    advantages=jnp.arange(n, dtype=jnp.float32) * 10,
+    weights=jnp.arange(n, dtype=jnp.float32) * 10,
   )
-  settings = types.SimpleNamespace(is_rwr=True, num_timesteps_kept=kept, gradient_accumulation_steps=2, batch_size=4)
-  examples = update.make_examples(model, rollouts, jax.random.PRNGKey(0), settings)
+  settings = types.SimpleNamespace(num_timesteps_kept=kept, gradient_accumulation_steps=2, batch_size=4)
+  examples = methods.get("rwr").make_examples(model, rollouts, jax.random.PRNGKey(0), settings)
   assert examples.noisy_latents.shape == (n * kept // 8, 2, 4, 2, 3, 3)
   flat = jax.tree.map(lambda x: np.asarray(x).reshape((n * kept,) + x.shape[3:]), examples)
   owner = flat.context[:, 0, 0].astype(int)  # each example's trajectory
@@ -153,16 +154,17 @@ def test_held_out_evaluation_is_reported(study_run):
 
 
 def test_evaluation_is_deterministic(study_run):
-  """A second Trainer evaluating the pretrained params twice reproduces the run's own first evaluation exactly."""
+  """Steps built anew, evaluating the pretrained params twice, reproduce the run's own first evaluation exactly."""
   _, records = study_run
   config = study.run_config("compress", "rwr", 0, EPOCHS)
   model, params = models.load(config.model.name)
-  trainer = train.Trainer(config, model, sharding.make_mesh(config.mesh.data, config.mesh.fsdp), params)
-  evaluator = evaluation.Evaluator(config, trainer, rewards.make(config.reward.name))
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  run = steps.prepare(config, model, params, mesh, names=("eval_sample",))
+  evaluator = evaluation.Evaluator(config, run, rewards.make(config.reward.name))
   heldout = {s.caption for s in shapes.scenes("heldout")}
   assert set(evaluator.prompts) <= heldout and len(evaluator.prompts) == config.eval.num_samples
-  frozen = trainer.place_frozen(params)
-  unet = jax.device_put(params["unet"], trainer.unet_sharding)
+  frozen = run.place_frozen(params)
+  unet = run.place_unet(params["unet"])
   first, images, labels = evaluator.evaluate(dict(frozen, unet=unet))
   second, images_again, _ = evaluator.evaluate(dict(frozen, unet=unet))
   np.testing.assert_array_equal(images, images_again)
@@ -184,13 +186,6 @@ def test_pairwise_rms_distance_by_hand():
   assert evaluation.pairwise_rms_distance(np.stack([a, b, c])) == pytest.approx((1 + 0.5 + 0.75**0.5) / 3)
   np.testing.assert_allclose(evaluation.group_diversity(np.stack([a, b, a, a]), 2), [1.0, 0.0])
   assert np.isnan(evaluation.pairwise_rms_distance(a[None]))
-
-
-def test_evaluation_schedule():
-  due = [e for e in range(-1, 12) if evaluation.is_due(e, 12, 4)]
-  assert due == [-1, 3, 7, 11]
-  assert [e for e in range(-1, 10) if evaluation.is_due(e, 10, 4)] == [-1, 3, 7, 9]
-  assert not any(evaluation.is_due(e, 12, 0) for e in range(-1, 12))
 
 
 # ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from ddpo_jax import ddim
 from ddpo_jax import models
 from ddpo_jax import sampling
 from ddpo_jax import update
+from ddpo_jax.methods import ddpo
 
 M = 8  # transitions
 
@@ -25,7 +26,7 @@ def transitions(model, params):
   timesteps = jnp.asarray(np.random.default_rng(0).choice(steps, M), dtype=jnp.int32)
   token_ids = models.tokenize(model, ["a red circle on a plain blue background"] * M)
   context = models.encode_prompts(model, params["text_encoder"], token_ids)
-  return update.Transitions(
+  return ddpo.Transitions(
     latents=jax.random.normal(keys[0], shape),
     next_latents=jax.random.normal(keys[1], shape),
     timesteps=timesteps,
@@ -48,7 +49,7 @@ def settings(remat=False):
 
 
 def gradients(model, params, minibatch, negative, remat):
-  loss = functools.partial(update.minibatch_loss, model, settings=settings(remat))
+  loss = functools.partial(ddpo.DDPO_IS.loss, model, settings=settings(remat))
   return jax.jit(jax.grad(lambda p: loss(p, minibatch, negative)[0]))(params["unet"])
 
 
@@ -69,10 +70,10 @@ def test_bfloat16_compute_keeps_float32_weights_and_log_probs(tiny_model_dir, ti
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params16))  # master weights
   minibatch = transitions(model32, params)
   negative = models.encode_prompts(model32, params["text_encoder"], models.tokenize(model32, [""]))[0]
-  log_probs = jax.jit(lambda p: update.transition_log_probs(model16, p, minibatch, negative, settings().sampler))(
+  log_probs = jax.jit(lambda p: ddpo.transition_log_probs(model16, p, minibatch, negative, settings().sampler))(
     params["unet"]
   )
-  reference = update.transition_log_probs(model32, params["unet"], minibatch, negative, settings().sampler)
+  reference = ddpo.transition_log_probs(model32, params["unet"], minibatch, negative, settings().sampler)
   assert log_probs.dtype == jnp.float32 and np.isfinite(log_probs).all()
   # bfloat16 has 8 mantissa bits: the UNet's output is ~1e-2 relative off.
   np.testing.assert_allclose(log_probs, reference, rtol=0.05, atol=0.05)

@@ -3,11 +3,17 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+from ddpo_jax import config_utils
 from ddpo_jax import methods
+from ddpo_jax import models
 from ddpo_jax import objectives
+from ddpo_jax import rewards
+from ddpo_jax import steps
 from ddpo_jax.methods import ddpo
+from tests.conftest import random_transitions
 from tests.conftest import rollouts_of
 
 # Float32 reassociation on the CPU makes the training pass's UNet (transitions
@@ -104,3 +110,55 @@ def test_clipped_loss_by_hand():
   np.testing.assert_allclose(
     float(metrics["approx_kl"]), 0.5 * np.mean(np.log([1.5, 0.5, 1.0, 1.00005]) ** 2), rtol=1e-5
   )
+
+
+# KL to the pretrained model, full fine-tuning: against NumPy, and 0 with 0 gradient at the reference.
+
+
+def test_kl_term_of_the_loss(tiny_loaded, tiny_model_dir):
+  model, params = tiny_loaded
+  config = config_utils.override(config_utils.get_config("configs/compress.py:tiny"), {"train.kl_coef": 0.5})
+  config.sample.num_steps = 4
+  settings = steps.update_settings(config)
+  minibatch = random_transitions(model, params)
+  negative = models.encode_prompts(model, params["text_encoder"], models.tokenize(model, [""]))[0]
+  base = params["unet"]
+  noise = jax.tree.map(lambda x: 0.01 * np.random.default_rng(x.size).standard_normal(x.shape), base)
+  moved = jax.tree.map(lambda x, n: (x + n).astype(np.float32), base, noise)
+
+  @jax.jit
+  def evaluate(trained, minibatch, base):
+    (loss, metrics), grads = jax.value_and_grad(ddpo.DDPO_IS.loss, argnums=1, has_aux=True)(
+      model, trained, minibatch, negative, settings, base
+    )
+    policy, _ = ddpo.DDPO_IS.loss(model, trained, minibatch, negative, settings.replace(kl_coef=0.0))
+    means = [ddpo.transition_distribution(model, p, minibatch, negative, settings.sampler) for p in (trained, base)]
+    return loss, metrics, grads, policy, means
+
+  loss, metrics, _, policy, ((mean, std), (reference, _)) = evaluate(moved, minibatch, base)
+  mean, std, reference = (np.asarray(x, np.float64) for x in (mean, std, reference))
+  expected = np.mean(np.mean((mean - reference) ** 2 / (2 * std**2), axis=(1, 2, 3)))
+  assert expected > 0
+  np.testing.assert_allclose(float(metrics["kl_to_reference"]), expected, rtol=1e-4)
+  np.testing.assert_allclose(float(loss), float(policy) + 0.5 * expected, rtol=1e-5)
+
+  # At the reference, with zero advantages (no policy gradient): KL and gradient 0, up to the
+  # float32 rounding of two compilations of the same UNet pass (the policy's runs the attention's
+  # forward rule that keeps residuals, the reference's does not), against the 0.01-perturbed params.
+  zero = minibatch.replace(advantages=jnp.zeros_like(minibatch.advantages))
+  _, moved_metrics, moved_grads, _, _ = evaluate(moved, zero, base)
+  loss, metrics, grads, _, _ = evaluate(base, zero, base)
+  moved_kl = float(moved_metrics["kl_to_reference"])
+  assert abs(float(metrics["kl_to_reference"])) < 1e-4 * moved_kl and abs(float(loss)) < 1e-4 * moved_kl
+  assert float(optax.tree.norm(grads)) < 1e-3 * float(optax.tree.norm(moved_grads))
+
+
+def test_group_epoch_advantages_clip_and_log_ties():
+  scored = rewards.ScoredBatch(
+    rewards=np.array([0.0, 0.0, 0.0, 10.0, 1.0, 1.0, 1.0, 1.0], np.float32),
+    valid=np.array([True] * 8),
+    parts={},
+  )
+  adv, metrics = ddpo.group_relative_advantages(scored, 4, "group", clip=1.5, epoch=0)
+  np.testing.assert_allclose(adv, [-1 / np.sqrt(3)] * 3 + [1.5] + [0] * 4, rtol=1e-5)
+  assert metrics == {"group_tied_fraction": 0.5}

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from ddpo_jax import config_utils
 from ddpo_jax import models
 from ddpo_jax.models import attention
 from ddpo_jax.toy import shapes
@@ -132,23 +133,22 @@ def test_unet_with_blocked_attention_equals_diffusers(tiny_loaded, monkeypatch):
   calls = []
   original = attention.blocked_attention
   monkeypatch.setattr(attention, "blocked_attention", lambda *args: calls.append(args[-1]) or original(*args))
-  predict = lambda p: models.predict_noise(model, p, latents, np.full(4, 500), context)
   outputs, grads = {}, {}
   for setting in ("0", "0.001"):  # 0: diffusers' layers; 1 kB: blocks of a few queries
-    monkeypatch.setenv("DDPO_JAX_ATTENTION_BLOCK_MB", setting)
+    blocked = models.with_attention_block(model, float(setting))
+    predict = lambda p, m=blocked: models.predict_noise(m, p, latents, np.full(4, 500), context)
     outputs[setting] = np.asarray(predict(params["unet"]))
-    grads[setting] = jax.grad(lambda p: (predict(p) ** 2).mean())(params["unet"])
+    grads[setting] = jax.grad(lambda p, f=predict: (f(p) ** 2).mean())(params["unet"])
   np.testing.assert_allclose(outputs["0.001"], outputs["0"], rtol=1e-5, atol=1e-5)
   for got, want in zip(jax.tree.leaves(grads["0.001"]), jax.tree.leaves(grads["0"])):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5 * np.abs(want).max() + 1e-7)
   assert calls and set(calls) == {int(0.001 * 2**20)}  # "0" used diffusers' layers, "0.001" ours
 
 
-def test_attention_block_setting(monkeypatch):
-  monkeypatch.delenv("DDPO_JAX_ATTENTION_BLOCK_MB", raising=False)
-  assert models.attention_block_bytes() == (4 << 20 if jax.default_backend() == "cpu" else 0)
-  monkeypatch.setenv("DDPO_JAX_ATTENTION_BLOCK_MB", "0.5")
-  assert models.attention_block_bytes() == 1 << 19
-  monkeypatch.setenv("DDPO_JAX_ATTENTION_BLOCK_MB", "big")
-  with pytest.raises(ValueError, match="DDPO_JAX_ATTENTION_BLOCK_MB"):
-    models.attention_block_bytes()
+def test_attention_block_setting_is_resolved_per_backend():
+  assert config_utils.resolve_attention_block_mb("auto", "cpu") == 4.0
+  assert config_utils.resolve_attention_block_mb("auto", "tpu") == 0.0
+  assert config_utils.resolve_attention_block_mb("0.5", "cpu") == 0.5
+  for bad in ("big", "-1", "inf"):
+    with pytest.raises(ValueError, match="config.model.attention_block_mb"):
+      config_utils.resolve_attention_block_mb(bad, "cpu")

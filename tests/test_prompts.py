@@ -100,3 +100,14 @@ def test_unknown_name():
 def test_register_duplicate():
   with pytest.raises(ValueError, match="already registered"):
     prompts.register("common_animals")(lambda: None)
+
+
+def test_grouped_prompts():
+  fn = prompts.grouped(prompts.uniform(["a", "b", "c", "d", "e"]), 3)
+  drawn = fn(np.random.default_rng(0), 9)
+  assert [drawn[i] for i in (0, 3, 6)] == prompts.uniform(["a", "b", "c", "d", "e"])(np.random.default_rng(0), 3)
+  assert all(drawn[g * 3] == drawn[g * 3 + 1] == drawn[g * 3 + 2] for g in range(3))
+  one = prompts.uniform(["a", "b"])
+  assert prompts.grouped(one, 1) is one
+  with pytest.raises(ValueError, match="groups of 3"):
+    fn(np.random.default_rng(0), 8)

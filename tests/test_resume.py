@@ -6,7 +6,9 @@ end with the same params as an uninterrupted run; a SIGTERM makes a run save
 a checkpoint at the end of its epoch and stop.
 """
 
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from ddpo_jax import metrics
 from ddpo_jax import prompts
 from ddpo_jax import rewards
 from ddpo_jax import train
+from ddpo_jax import validation
 
 NUM_EPOCHS = 3
 # Settings of a small run of the tiny test model: per-prompt statistics over a
@@ -133,3 +136,33 @@ def test_sigterm_saves_and_stops_after_the_epoch(tiny_model_dir, uninterrupted, 
   assert [r["epoch"] for r in metrics.read_metrics(str(tmp_path))] == [0, 1]
   step, _ = final_params(tmp_path, abstract_state)
   assert step == 2
+
+
+def snapshot(folder) -> dict[str, str]:
+  """{relative path: sha256} of every file under `folder`."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def test_an_incompatible_config_stops_before_writing_anything(tiny_model_dir, uninterrupted, tmp_path):
+  """A finished full fine-tuning workdir rerun with LoRA: no restart from the pretrained weights over it, but
+  an error naming the newest checkpoint, what differs and the two ways out; every file as it was."""
+  source, _ = uninterrupted
+  workdir = tmp_path / "workdir"
+  shutil.copytree(source, workdir)
+  before = snapshot(workdir)
+  config = make_config(overrides(tiny_model_dir, **{"lora.rank": 2, "lora.alpha": 2.0}))
+  with pytest.raises(validation.ConfigError) as error:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(error.value)
+  assert os.path.join(str(workdir), "checkpoints", str(NUM_EPOCHS)) in message  # the newest checkpoint
+  assert "leaves only in this run: params/" in message and "/lora_a (float32" in message, message  # what differs
+  assert "leaves only in the checkpoint: " in message
+  assert "config.json" in message and "new --workdir" in message  # the two ways out
+  assert snapshot(workdir) == before
+

@@ -10,6 +10,7 @@ from ddpo_jax import metrics
 from ddpo_jax import rewards
 from ddpo_jax import train
 from ddpo_jax import validation
+from ddpo_jax.methods import ddpo
 
 IMAGES = np.zeros((4, 8, 8, 3), np.uint8)
 PROMPTS = ["a cat", "a dog", "a fox", "an owl"]
@@ -102,14 +103,14 @@ def test_dropped_samples_have_zero_advantage_and_no_say_in_the_statistics():
     valid=np.array([True, False, True, True, True, True]),
     parts={},
   )
-  got = train.epoch_advantages(prompts, scored, None, clip=10.0, epoch=0)
+  got = ddpo.stat_tracking_advantages(prompts, scored, None, clip=10.0, epoch=0)
   kept = np.array([1.0, 3.0, 10.0, 20.0, 30.0])
   expected = (kept - kept.mean()) / (kept.std() + advantages.EPS)
   np.testing.assert_allclose(got, np.insert(expected, 1, 0.0), rtol=1e-5)
-  metrics = train.reward_metrics(scored)
+  metrics = rewards.reward_statistics(scored)
   assert metrics["reward_invalid"] == 1 and metrics["reward_mean"] == pytest.approx(kept.mean())
   with pytest.raises(rewards.RewardError, match="every sample's reward is invalid"):
-    train.epoch_advantages(prompts, rewards.ScoredBatch(scored.rewards, np.zeros(6, bool), {}), None, 10.0, 3)
+    ddpo.stat_tracking_advantages(prompts, rewards.ScoredBatch(scored.rewards, np.zeros(6, bool), {}), None, 10.0, 3)
 
 
 def test_weighted_config_is_validated():

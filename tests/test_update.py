@@ -116,3 +116,11 @@ def test_unrolled_accumulation_equals_the_loop_and_runs_minibatches_in_turn(tiny
   one_minibatch, _ = step_for_accumulation(tiny_run, tiny_loaded, 1, unroll=True)
   per_minibatch = one_minibatch.memory_analysis().temp_size_in_bytes  # a minibatch of 64, not 16
   assert unrolled.memory_analysis().temp_size_in_bytes < 0.6 * per_minibatch
+
+
+def test_ema_update_by_hand():
+  ema = {"w": jnp.array([1.0, 2.0]), "b": jnp.array(4.0)}
+  params = {"w": jnp.array([3.0, -2.0]), "b": jnp.array(0.0)}
+  out = update.ema_update(ema, params, 0.9)
+  np.testing.assert_allclose(out["w"], [0.9 * 1 + 0.1 * 3, 0.9 * 2 - 0.1 * 2], rtol=1e-6)
+  np.testing.assert_allclose(out["b"], 3.6, rtol=1e-6)

@@ -130,3 +130,33 @@ def test_main_refuses_before_loading(tmp_path):
   )
   assert result.returncode != 0
   assert "config.train.timestep_fraction=2.0 must be in (0, 1]" in result.stderr
+
+
+INVALID = [
+  ({"train.kl_coef": -1.0}, "config.train.kl_coef=-1.0 must be >= 0"),
+  ({"train.ema_decay": 1.0}, "config.train.ema_decay=1.0 must be in [0, 1)"),
+  ({"train.advantages": "grpo"}, "config.train.advantages='grpo' is unknown"),
+  ({"train.advantages": "group"}, "set config.sample.group_size >= 2"),
+  ({"train.group_std": "prompt"}, "config.train.group_std='prompt'"),
+  ({"sample.group_size": 0}, "config.sample.group_size=0 must be an integer >= 1"),
+  ({"sample.group_size": 3}, "config.sample.group_size=3 must divide the 32 samples per process"),
+  ({"lora.rank": -1}, "config.lora.rank=-1 must be an integer >= 0"),
+  ({"lora.rank": 4, "lora.alpha": 0.0}, "config.lora.alpha=0.0 must be > 0"),
+  ({"lora.rank": 4, "lora.targets": ("to_q(",)}, "config.lora.targets: 'to_q(' is not a valid regex"),
+  ({"logging.sample_with_ema": True}, "config.logging.sample_with_ema=True needs EMA params"),
+]
+
+
+@pytest.mark.parametrize("values,message", INVALID)
+def test_invalid_settings_are_named(values, message):
+  config = config_utils.override(config_utils.get_config("configs/compress.py:tiny"), values)
+  with pytest.raises(validation.ConfigError) as error:
+    validation.validate(config, None, num_devices=8)
+  assert message in str(error.value)
+
+
+def test_groups_must_not_straddle_processes():
+  config = config_utils.override(config_utils.get_config("configs/compress.py:tiny"), {"sample.group_size": 8})
+  validation.validate(config, None, num_devices=8, num_processes=4)  # 8 samples per process
+  with pytest.raises(validation.ConfigError, match="no group straddles two processes"):
+    validation.validate(config, None, num_devices=8, num_processes=8)
