@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from ddpo_jax import sharding
 from ddpo_jax import validation
 
+
 class IncompatibleCheckpoints(validation.ConfigError):
   """Checkpoints exist, but none restores into the current train state."""
 

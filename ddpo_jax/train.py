@@ -74,7 +74,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     config, model, layout = steps_lib.configure(config, model, params["unet"], mesh)
   except ValueError as e:  # LoRA targets that match nothing: name the setting
     raise validation.ConfigError(str(e)) from e
-  _check_sharded(config, layout, mesh)
+  problem = train_state.check_sharded(layout, mesh, config.mesh.min_sharded_fraction)
+  if problem:
+    raise validation.ConfigError(problem)
   tracker = (
     advantages_lib.PerPromptStatTracker(config.stat_tracking.buffer_size, config.stat_tracking.min_count)
     if config.stat_tracking.per_prompt and config.train.advantages == "stat_tracking"
@@ -245,20 +247,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     summary["preempted"] = True
   summary.update({f"eval_{name}": value for name, value in eval_summary.items()})
   return summary, state
-
-
-def _check_sharded(config: ml_collections.ConfigDict, layout: train_state.StateLayout, mesh) -> None:
-  """With fsdp > 1, refuses partition rules that leave too much of the state replicated."""
-  if mesh.shape["fsdp"] == 1 or not config.mesh.min_sharded_fraction:
-    return
-  fraction = train_state.sharded_state_fraction(layout)
-  if fraction < config.mesh.min_sharded_fraction:
-    raise validation.ConfigError(
-      f"only {100 * fraction:.0f}% of the train state's bytes are sharded over the fsdp axis of mesh "
-      f"{dict(mesh.shape)}, below config.mesh.min_sharded_fraction={config.mesh.min_sharded_fraction}: "
-      "make config.mesh.partition_rules shard the large params ('fsdp'), lower config.mesh.fsdp_min_size, "
-      "or set config.mesh.fsdp=1."
-    )
 
 
 def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -157,3 +157,22 @@ def bytes_per_device(state_layout: StateLayout) -> int:
   if state_layout.needs_base:
     total += sharding.bytes_per_device(state_layout.unet, state_layout.unet_sharding)
   return total
+
+
+def check_sharded(state_layout: StateLayout, mesh: Mesh, min_fraction: float) -> str | None:
+  """With an fsdp axis, what is wrong when less than `min_fraction` of the state's bytes are sharded, or None.
+
+  MaxText's `assert_params_sufficiently_sharded` in spirit: partition rules
+  that replicate the large params defeat FSDP silently (every device holds
+  everything), so the run stops before it compiles.
+  """
+  if mesh.shape["fsdp"] == 1 or not min_fraction:
+    return None
+  fraction = sharded_state_fraction(state_layout)
+  if fraction >= min_fraction:
+    return None
+  return (
+    f"only {100 * fraction:.0f}% of the train state's bytes are sharded over the fsdp axis of mesh "
+    f"{dict(mesh.shape)}, below config.mesh.min_sharded_fraction={min_fraction}: make config.mesh.partition_rules "
+    "shard the large params ('fsdp'), lower config.mesh.fsdp_min_size, or set config.mesh.fsdp=1."
+  )

@@ -97,6 +97,9 @@ def test_killed_run_resumes_exactly(tiny_model_dir, uninterrupted, tmp_path):
   assert process.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
   done = sorted(int(name) for name in os.listdir(tmp_path / "checkpoints") if name.isdigit())
   assert done and done[-1] < NUM_EPOCHS, done  # killed part-way
+  # The console: each compiled step's memory before epoch 0, and no third-party deprecation notices.
+  console = stderr.decode()
+  assert "compiled optimizer_step: arguments" in console and "deprecated" not in console, console[-3000:]
 
   summary = train.train_and_evaluate(make_config(values), str(tmp_path))
   assert summary["epoch"] == NUM_EPOCHS - 1
