@@ -74,7 +74,7 @@ def main(argv):
     log_probs=jnp.concatenate([b[0].log_probs for b in batches]),
     timesteps=batches[0][0].timesteps,
     context=jnp.concatenate([b[1] for b in batches]),
-    advantages=jnp.asarray(advantages),
+    weights=jnp.asarray(advantages),
   )
   runs = {
     "ours": ours_epoch,

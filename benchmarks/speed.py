@@ -51,6 +51,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ddpo_jax.toy import architecture as toy_architecture
+
 FLAGS = flags.FLAGS
 
 
@@ -68,29 +70,13 @@ class Preset:
   reference_minibatch: int = 4
 
 
-_VAE = dict(
-  down_block_types=("DownEncoderBlock2D",) * 3,
-  up_block_types=("UpDecoderBlock2D",) * 3,
-  block_out_channels=(32, 64, 64),
-  layers_per_block=1,
-  latent_channels=4,
-  norm_num_groups=16,
-)
+# The shipped toy model's components (ddpo_jax/toy/architecture.py), resized.
+_VAE = {k: v for k, v in toy_architecture.VAE_CONFIG.items() if k != "sample_size"}
 PRESETS = {
   "tiny": Preset(
-    unet=dict(
-      sample_size=16,
-      in_channels=4,
-      out_channels=4,
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-      block_out_channels=(32, 64),
-      layers_per_block=1,
-      attention_head_dim=8,
-      cross_attention_dim=32,
-    ),
+    unet=dict(toy_architecture.UNET_CONFIG, sample_size=16),
     vae=dict(_VAE, sample_size=64),
-    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+    text=dict(toy_architecture.TEXT_CONFIG),
     batch_size=16,
     num_steps=10,
     minibatch=40,
@@ -108,7 +94,7 @@ PRESETS = {
       cross_attention_dim=32,
     ),
     vae=dict(_VAE, sample_size=128),
-    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+    text=dict(toy_architecture.TEXT_CONFIG),
     batch_size=8,
     num_steps=10,
     minibatch=16,

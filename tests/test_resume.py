@@ -168,4 +168,3 @@ def test_an_incompatible_config_stops_before_writing_anything(tiny_model_dir, un
   assert "leaves only in the checkpoint: " in message
   assert "config.json" in message and "new --workdir" in message  # the two ways out
   assert snapshot(workdir) == before
-

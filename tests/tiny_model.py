@@ -5,19 +5,11 @@ from __future__ import annotations
 import os
 
 from ddpo_jax import models
+from ddpo_jax.toy import architecture
 from ddpo_jax.toy import shapes
 
-UNET_CONFIG = dict(
-  sample_size=8,
-  in_channels=4,
-  out_channels=4,
-  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-  block_out_channels=(32, 32),
-  layers_per_block=1,
-  attention_head_dim=8,
-  cross_attention_dim=16,
-)
+# The toy model's UNet, narrower.
+UNET_CONFIG = dict(architecture.UNET_CONFIG, block_out_channels=(32, 32), cross_attention_dim=16)
 VAE_CONFIG = dict(
   down_block_types=("DownEncoderBlock2D",) * 2,
   up_block_types=("UpDecoderBlock2D",) * 2,

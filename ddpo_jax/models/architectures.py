@@ -36,7 +36,7 @@ import numpy as np
 
 from ddpo_jax.models import diffusion as models
 
-ARCHITECTURES_DIR = os.path.join(os.path.dirname(__file__), "data", "architectures")
+ARCHITECTURES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "architectures")
 # Hugging Face ids whose architecture ships here, and the file of each.
 KNOWN = {"CompVis/stable-diffusion-v1-4": "sd-v1-4.json"}
 COMPONENTS = ("unet", "vae", "text_encoder", "scheduler", "tokenizer")

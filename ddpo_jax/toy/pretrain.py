@@ -28,47 +28,16 @@ import numpy as np
 import optax
 
 from ddpo_jax import models
+from ddpo_jax.toy import architecture
 from ddpo_jax.toy import shapes
 
 FLAGS = flags.FLAGS
 
-# Component configs of the toy model: the classes of SD v1, shrunk.
-UNET_CONFIG = dict(
-  sample_size=8,
-  in_channels=4,
-  out_channels=4,
-  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-  block_out_channels=(32, 64),
-  layers_per_block=1,
-  attention_head_dim=8,
-  cross_attention_dim=32,
-)
-VAE_CONFIG = dict(
-  in_channels=3,
-  out_channels=3,
-  down_block_types=("DownEncoderBlock2D",) * 3,
-  up_block_types=("UpDecoderBlock2D",) * 3,
-  block_out_channels=(32, 64, 64),
-  layers_per_block=1,
-  latent_channels=4,
-  norm_num_groups=16,
-  sample_size=shapes.IMAGE_SIZE,
-)
-TEXT_CONFIG = dict(
-  hidden_size=32,
-  intermediate_size=64,
-  num_hidden_layers=2,
-  num_attention_heads=2,
-  projection_dim=32,
-)
-MAX_PROMPT_TOKENS = 16
-
 
 def build_random(seed: int, tokenizer_dir: str):
   """The toy model with random weights (also the baseline of the tests)."""
-  tokenizer = models.build_tokenizer(shapes.vocabulary(), tokenizer_dir, MAX_PROMPT_TOKENS)
-  return models.build(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, tokenizer, seed)
+  tokenizer = models.build_tokenizer(shapes.vocabulary(), tokenizer_dir, architecture.MAX_PROMPT_TOKENS)
+  return models.build(architecture.UNET_CONFIG, architecture.VAE_CONFIG, architecture.TEXT_CONFIG, tokenizer, seed)
 
 
 def to_unit_range(images: np.ndarray) -> np.ndarray:
