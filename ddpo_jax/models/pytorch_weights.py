@@ -1,0 +1,107 @@
+"""PyTorch weights as NumPy, without torch: `*.safetensors` only, never unpickling.
+
+diffusers and transformers save a module's weights as `diffusion_pytorch_model.safetensors`
+or `model.safetensors` (large ones sharded, with a `*.safetensors.index.json`). This module
+reads them into a flat {"down_blocks.0.resnets.0.conv1.weight": array} dict and converts
+PyTorch's layouts to Flax's: a Linear's weight [out, in] is a Dense kernel [in, out], a
+Conv2d's [out, in, kh, kw] a Conv kernel [kh, kw, in, out]; norms' weights are scales.
+Each model's module maps its own names (`unet.py`, `vae.py`, `clip_towers.py`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+# Suffixes of pickled PyTorch checkpoints, which are refused: loading them runs arbitrary code.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CONVERT_HINT = (
+  "convert it to safetensors once, where torch is installed: "
+  '`python -c "import sys, torch, safetensors.torch as st; '
+  'st.save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])" IN.bin OUT.safetensors` '
+  "(or save_pretrained(..., safe_serialization=True))"
+)
+
+
+class PickledWeightsError(ValueError):
+  """A folder holds only pickled PyTorch weights."""
+
+
+def safetensors_files(folder: str) -> list[str]:
+  """The `*.safetensors` files of one module's folder (all shards of an index), sorted.
+
+  Raises PickledWeightsError when the folder has only pickled weights, and
+  FileNotFoundError when it has no weights at all.
+  """
+  indexes = sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json")))
+  if indexes:
+    with open(indexes[0]) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    return [os.path.join(folder, name) for name in shards]
+  files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+  if files:
+    return files
+  pickled = sorted(p for p in os.listdir(folder) if p.endswith(PICKLE_SUFFIXES)) if os.path.isdir(folder) else []
+  if pickled:
+    raise PickledWeightsError(
+      f"{folder} holds only pickled PyTorch weights ({', '.join(pickled)}), which ddpo_jax does not load "
+      f"(unpickling runs arbitrary code); {CONVERT_HINT}."
+    )
+  raise FileNotFoundError(f"{folder} holds no *.safetensors weights")
+
+
+def read_state_dict(folder: str) -> dict[str, np.ndarray]:
+  """Every tensor of the folder's safetensors files by its PyTorch name, as float32 (or integer) NumPy arrays."""
+  from safetensors import safe_open
+
+  state = {}
+  for path in safetensors_files(folder):
+    with safe_open(path, framework="numpy") as f:
+      for name in f.keys():
+        array = f.get_tensor(name)
+        state[name] = array.astype(np.float32) if np.issubdtype(array.dtype, np.floating) else array
+  return state
+
+
+def linear_kernel(weight: np.ndarray) -> np.ndarray:
+  """PyTorch Linear weight [out, in] -> Flax Dense kernel [in, out]."""
+  return np.ascontiguousarray(weight.T)
+
+
+def conv_kernel(weight: np.ndarray) -> np.ndarray:
+  """PyTorch Conv2d weight [out, in, kh, kw] -> Flax Conv kernel [kh, kw, in, out]."""
+  return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
+
+
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
+  """{("a", "b"): x} -> {"a": {"b": x}}."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def check_tree(converted: Any, expected: Any, what: str) -> None:
+  """Raises ValueError naming the paths whose presence or shape differs between two param trees."""
+  import jax
+
+  def shapes(tree):
+    return {
+      "/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf))
+      for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+  got, want = shapes(converted), shapes(expected)
+  problems = [f"missing {p} {want[p]}" for p in want if p not in got]
+  problems += [f"unexpected {p} {got[p]}" for p in got if p not in want]
+  problems += [f"{p}: {got[p]} instead of {want[p]}" for p in want if p in got and got[p] != want[p]]
+  if problems:
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+    raise ValueError(f"the {what} weights do not fit the architecture of its config: {shown}")
