@@ -174,11 +174,15 @@ def test_find_config_file_names_where_it_looked(tmp_path, monkeypatch):
   assert "'configs/nope.py'" in message and str(tmp_path) in message
   assert "installed configs" in message and "compress.py" in message and "toy_alignment.py" in message
   assert "__init__.py" not in message
-  # An existing path is taken as given; a missing one of an installed name is the installed file.
+  # An existing path is taken as given; a missing configs/NAME or bare NAME of an installed config is the
+  # installed file; another folder is not silently replaced by it.
   (tmp_path / "mine.py").write_text("")
   assert config_utils.find_config_file("mine.py") == "mine.py"
-  found = config_utils.find_config_file("elsewhere/compress.py")
-  assert os.path.basename(found) == "compress.py" and os.path.isfile(found)
+  for spec in ("configs/compress.py", "compress.py"):
+    found = config_utils.find_config_file(spec)
+    assert os.path.basename(found) == "compress.py" and os.path.isfile(found)
+  with pytest.raises(ValueError, match="'elsewhere/compress.py' not found"):
+    config_utils.find_config_file("elsewhere/compress.py")
 
 
 def test_resolve_config_argument_keeps_the_preset_and_other_flags(tmp_path, monkeypatch):
