@@ -1,5 +1,6 @@
 """Our UNet (ddpo_jax/models/unet.py) against diffusers' PyTorch UNet2DConditionModel and Flax class."""
 
+import functools
 import json
 import os
 
@@ -10,6 +11,7 @@ import pytest
 
 from ddpo_jax.models import pytorch_weights
 from ddpo_jax.models import unet
+from ddpo_jax.models.attention import blocked_attention
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -104,11 +106,14 @@ def test_matches_pytorch_forward(saved_unet):
   assert error < 1e-5
 
 
-# On the SDXL-shaped config only, which has every kind of layer: each gradient takes a while to compile.
+# On the SDXL-shaped config only, which has every kind of layer: each gradient takes a while to
+# compile. It goes through remat and the repo's blocked attention (blocks of 4 queries), so that
+# both are checked against PyTorch too; the forward tests use the plain attention.
 @pytest.mark.parametrize("saved_unet", ["sdxl"], indirect=True)
 def test_param_gradients_match_pytorch(saved_unet):
   name, model, folder = saved_unet
-  module, params = unet.load_unet(folder)
+  attention_fn = functools.partial(blocked_attention, block_bytes=1024)
+  module, params = unet.load_unet(folder, attention_fn=attention_fn, remat=True)
   inputs = tiny_inputs(module.config)
   weights = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
   model.zero_grad()
@@ -155,8 +160,10 @@ def test_toy_msgpack_has_our_param_paths_and_shapes(toy_flax_unet):
 def test_toy_output_equals_diffusers_flax(toy_flax_unet):
   model, params, config = toy_flax_unet
   inputs = tiny_inputs(config)
-  expected = model.apply({"params": params}, *(jnp.asarray(inputs[k]) for k in list(inputs)[:3])).sample
-  got = unet.UNet(config).apply({"params": params}, **inputs)
+  arguments = [jnp.asarray(inputs[k]) for k in ("sample", "timesteps", "encoder_hidden_states")]
+  expected = jax.jit(lambda p, *x: model.apply({"params": p}, *x).sample)(params, *arguments)
+  ours = unet.UNet(config)
+  got = jax.jit(lambda p, x: ours.apply({"params": p}, **x))(params, inputs)
   error = relative_error(got, expected)
   print(f"toy relative error against diffusers' Flax UNet {error:.2e}")
   assert error < 1e-5
