@@ -26,7 +26,6 @@ import dataclasses
 import json
 import os
 from typing import Any
-from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -185,7 +184,9 @@ class UNetConfig:
     return self.projection_class_embeddings_input_dim - self.num_time_ids * self.addition_time_embed_dim
 
 
-def _transformer(config, heads, depth, channels, attention_fn, dtype, name) -> Transformer2DModel:
+def _transformer(
+  config: UNetConfig, heads: int, depth: int, channels: int, attention_fn: AttentionFn, dtype, name: str
+) -> Transformer2DModel:
   return Transformer2DModel(
     heads=heads,
     head_dim=channels // heads,
@@ -459,7 +460,7 @@ def read_config(folder: str) -> dict:
 
 
 def load_unet(
-  folder: str, dtype: jnp.dtype = jnp.float32, attention_fn: Callable = dot_product_attention, remat: bool = False
+  folder: str, dtype: jnp.dtype = jnp.float32, attention_fn: AttentionFn = dot_product_attention, remat: bool = False
 ) -> tuple[UNet, Params]:
   """A diffusers `unet/` folder (config.json, PyTorch *.safetensors) -> (UNet, float32 NumPy params); no torch."""
   config = UNetConfig.from_json(read_config(folder))

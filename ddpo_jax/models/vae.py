@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
-from typing import Callable
 
 import flax
 import flax.linen as nn
@@ -255,7 +254,7 @@ def vae_params_from_pytorch(state_dict: dict[str, np.ndarray], config: VAEConfig
 
 
 def load_vae(
-  folder: str, dtype: jnp.dtype = jnp.float32, attention_fn: Callable = dot_product_attention
+  folder: str, dtype: jnp.dtype = jnp.float32, attention_fn: AttentionFn = dot_product_attention
 ) -> tuple[AutoencoderKL, Params]:
   """A diffusers `vae/` folder (config.json, PyTorch *.safetensors) -> (AutoencoderKL, float32 NumPy params).
 
