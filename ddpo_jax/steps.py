@@ -346,16 +346,20 @@ def configure(
   return config, model, train_state.layout(config, unet_shapes, mesh, settings.adapter, optimizer, settings.needs_base)
 
 
-def prepare(
-  config: ml_collections.ConfigDict, model: models.DiffusionModel, params: dict[str, Any], mesh: Mesh
-) -> Steps:
-  """`configure` then `build`: the compiled steps of `config` for params {"unet", "vae", "text_encoder"}."""
-  config, model, layout = configure(config, model, params["unet"], mesh)
-  return build(config, model, mesh, layout, {"vae": params["vae"], "text_encoder": params["text_encoder"]})
-
-
 # The compiled steps of a run; the evaluation alone needs only the samplers.
 STEP_NAMES = ("sample", "eval_sample", "make_examples", "optimizer_step")
+
+
+def prepare(
+  config: ml_collections.ConfigDict,
+  model: models.DiffusionModel,
+  params: dict[str, Any],
+  mesh: Mesh,
+  names: tuple[str, ...] = STEP_NAMES,
+) -> Steps:
+  """`configure` then `build`: the compiled steps `names` of `config` for params {"unet", "vae", "text_encoder"}."""
+  config, model, layout = configure(config, model, params["unet"], mesh)
+  return build(config, model, mesh, layout, {"vae": params["vae"], "text_encoder": params["text_encoder"]}, names)
 
 
 def build(
