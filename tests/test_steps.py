@@ -53,8 +53,9 @@ def test_a_wrong_shape_is_an_error_not_a_recompilation(tiny_run):
 def test_a_different_eval_eta_compiles_its_own_sampler(tiny_loaded, tiny_model_dir):
   model, params = tiny_loaded
   config = tiny_config(tiny_model_dir, **{"eval.eta": 0.0, "train.gradient_accumulation_steps": 4})
-  run = steps.prepare(config, model, params, sharding.make_mesh(-1, 1))
-  assert run.eval_sample is not run.sample and "eval_sample" in run.memory
+  run = steps.prepare(config, model, params, sharding.make_mesh(-1, 1), names=("sample", "eval_sample"))
+  assert run.optimizer_step is None and set(run.memory) == {"sample", "eval_sample"}
+  assert run.eval_sample is not run.sample
   tokens = run.token_ids(["a red circle"] * 16)
   sample = lambda fn: fn(params, None, tokens, run.negative_tokens, jax.random.PRNGKey(0))[0].latents
   trained, evaluated = np.asarray(sample(run.sample)), np.asarray(sample(run.eval_sample))

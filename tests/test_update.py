@@ -12,9 +12,12 @@ from ddpo_jax import train_state
 from ddpo_jax import update
 from tests.conftest import rollouts_of
 
+# The steps a training pass calls (the samplers are not compiled).
+TRAINING_STEPS = ("make_examples", "optimizer_step")
+
 
 def one_update(model, params, config, trajectory, context, mesh):
-  run = steps.prepare(config, model, params, mesh)
+  run = steps.prepare(config, model, params, mesh, names=TRAINING_STEPS)
   state = run.init_state(run.place_unet(params["unet"]), train_state.adapter_key(config.seed))
   if mesh.shape["fsdp"] > 1:  # the big kernels and their Adam moments really are split
     assert sharding.sharded_fraction(run.layout.state, run.layout.state_sharding) > 0.9
@@ -88,7 +91,7 @@ def step_for_accumulation(tiny_run, tiny_loaded, accumulation, unroll):
       "train.learning_rate": 1.0,
     },
   )
-  run = steps.prepare(config, model, params, sharding.make_mesh(1, 1, jax.devices()[:1]))
+  run = steps.prepare(config, model, params, sharding.make_mesh(1, 1, jax.devices()[:1]), names=TRAINING_STEPS)
   assert run.settings.unroll_accumulation == unroll
   rollouts = jax.device_put(jax.device_get(rollouts_of(trajectory, context, np.linspace(-1, 1, 16))))
   args = (
