@@ -216,20 +216,26 @@ def test_toy_model_flax_params_apply_unchanged():
   assert_close(bfloat16.last_hidden_state, ours.last_hidden_state, "bfloat16 compute", tolerance=5e-2)
 
 
-def test_vision_tree_is_transformers_flax_tree():
-  """Our vision tower's params are those of clip.py's VisionWithProjectionModule (transformers' Flax modules)."""
+def test_vision_tree_is_transformers_flax_tree(tmp_path):
+  """Our vision tower's params are transformers' Flax tree: a FlaxCLIPModel saved by save_pretrained
+  (flax_model.msgpack, both towers) loads through clip.load_vision and gives its image features."""
+  if not hasattr(transformers, "FlaxCLIPModel"):
+    pytest.skip("this transformers has no Flax classes (removed in v5)")
   from ddpo_jax.models import clip
 
-  theirs = clip.VisionWithProjectionModule(transformers.CLIPVisionConfig(**VISION))
-  module = clip_towers.CLIPVisionModelWithProjection(clip_towers.VisionConfig(**VISION))
+  config = transformers.CLIPConfig(text_config=CLIP_L_TEXT, vision_config=VISION, projection_dim=20)
+  theirs = transformers.FlaxCLIPModel(config, seed=0)
+  rng = np.random.default_rng(0)  # every param off its init, as perturbed() does
+  theirs.params = jax.tree.map(lambda x: x + 0.1 * rng.standard_normal(x.shape).astype(x.dtype), theirs.params)
+  theirs.save_pretrained(str(tmp_path))
+  module, params, image_size = clip.load_vision(str(tmp_path))
+  assert image_size == VISION["image_size"]
+  vision_tree = {key: theirs.params[key] for key in clip.VISION_KEYS}
+  assert param_shapes(clip_towers.vision_param_shapes(module)) == param_shapes(vision_tree)
   pixels = np.random.default_rng(0).standard_normal((2, 3, VISION["image_size"], VISION["image_size"]), np.float32)
-  channels_last = pixels.transpose(0, 2, 3, 1)  # transformers' Flax module takes NHWC
-  their_shapes = jax.eval_shape(theirs.init, jax.random.key(0), channels_last)["params"]
-  assert param_shapes(clip_towers.vision_param_shapes(module)) == param_shapes(their_shapes)
-  params = module.init(jax.random.key(1), pixels)["params"]
   assert_close(
     module.apply({"params": params}, pixels),
-    theirs.apply({"params": params}, channels_last),
+    theirs.get_image_features(pixels),
     "image_embeds vs transformers' Flax",
   )
 

@@ -5,7 +5,7 @@ diffusion.py      `DiffusionModel`, loading and saving in diffusers' layout, and
                   predict_noise, decode_latents, encode_images); re-exported here.
 attention.py      the blocked attention with a written-out backward pass.
 architectures.py  the modules of a model without its weights (memory planning).
-clip.py           the CLIP vision tower with projection (the aesthetic reward's).
+clip.py           loading the CLIP vision tower with projection (the aesthetic reward's) by name.
 """
 
 from ddpo_jax.models.diffusion import SD_V1_SCHEDULER

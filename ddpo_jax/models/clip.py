@@ -1,40 +1,42 @@
-"""Loading and building CLIP vision towers: the image encoders of CLIP-based rewards.
+"""Loading CLIP vision towers, the image encoders of CLIP-based rewards, by name.
 
-With models.py, the only module of ddpo_jax that imports transformers; rewards
-import it lazily, inside their factories. The rest sees a Flax module
-`module.apply({"params": params}, pixels) -> image embeddings [B, D]` and its
-params.
+The tower is `clip_towers.CLIPVisionModelWithProjection`:
+`module.apply({"params": params}, pixel_values)` maps CLIP-normalised pixels
+[B, 3, image_size, image_size] (NCHW, as CLIPImageProcessor writes them) to
+image embeddings [B, projection_dim]. `load_vision` finds its weights from a
+name:
 
-transformers has no Flax counterpart of CLIPVisionModelWithProjection (it has
-FlaxCLIPVisionModel, unprojected, and FlaxCLIPModel, both towers), so
-`FlaxCLIPVisionModelWithProjection` below is the vision half of FlaxCLIPModel:
-the vision transformer and `visual_projection`, with the same param names. It
-loads a CLIPModel checkpoint such as "openai/clip-vit-large-patch14" (its text
-tower is skipped) and saves and loads back in transformers' save_pretrained
-layout, a local folder going through the same code path as a Hub id.
+- a local folder in transformers' save_pretrained layout: config.json and
+  *.safetensors (of a CLIPVisionModelWithProjection, or of a CLIPModel such as
+  openai/clip-vit-large-patch14, whose text tower is skipped), or, from
+  transformers' Flax classes, config.json and flax_model.msgpack (the param
+  trees are the same); pickled PyTorch weights are refused with the way to
+  convert them;
+- a Hugging Face id: its config.json and *.safetensors only are downloaded;
+- `TINY_RANDOM`: a small random tower for tests, built offline.
+
+Neither torch nor transformers is imported.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from transformers import CLIPConfig
-from transformers import CLIPVisionConfig
-from transformers import PretrainedConfig
-from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionPreTrainedModel
-from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer
+
+from ddpo_jax.models import clip_towers
+from ddpo_jax.models import pytorch_weights
 
 Params = dict[str, Any]
 
-# `load_vision(TINY_RANDOM)` builds `build_tiny_vision()`: a randomly initialised
-# tower small enough for CPU tests, with the ViT-L/14 input size and embedding
-# width (so the LAION aesthetic MLP fits on top).
+# `load_vision(TINY_RANDOM)`: a randomly initialised tower small enough for CPU
+# tests, with ViT-L/14's input size and embedding width (so the LAION aesthetic
+# MLP fits on top).
 TINY_RANDOM = "tiny-random"
 TINY_SEED = 0
 TINY_CONFIG = dict(
@@ -46,104 +48,120 @@ TINY_CONFIG = dict(
   num_attention_heads=2,
   projection_dim=768,
 )
-
-
-class VisionWithProjectionModule(nn.Module):
-  """CLIP's image encoder: vision transformer, then the linear projection."""
-
-  config: CLIPVisionConfig
-  dtype: jnp.dtype = jnp.float32
-
-  def setup(self):
-    self.vision_model = FlaxCLIPVisionTransformer(self.config, dtype=self.dtype)
-    self.visual_projection = nn.Dense(
-      self.config.projection_dim,
-      use_bias=False,
-      dtype=self.dtype,
-      kernel_init=jax.nn.initializers.normal(0.02),
-    )
-
-  def __call__(self, pixel_values, deterministic: bool = True, *unused_args, **unused_kwargs):
-    """Image embeddings [B, projection_dim] (not normalised) of pixels [B, H, W, 3].
-
-    The pixels are CLIP-normalised (mean/std per channel) at the config's
-    image_size. The extra arguments of transformers' calling convention
-    (output_attentions, ...) are accepted and ignored.
-    """
-    del unused_args, unused_kwargs
-    outputs = self.vision_model(pixel_values=pixel_values, deterministic=deterministic, return_dict=True)
-    return self.visual_projection(outputs.pooler_output)
-
-
-class FlaxCLIPVisionModelWithProjection(FlaxCLIPVisionPreTrainedModel):
-  """transformers' wrapper (from_pretrained, save_pretrained) around the module above."""
-
-  module_class = VisionWithProjectionModule
-
-
-def vision_config(name: str, revision: str | None = None) -> CLIPVisionConfig:
-  """The vision config of a CLIPVisionConfig or CLIPConfig checkpoint.
-
-  A two-tower CLIPModel config keeps projection_dim at its top level, and its
-  vision_config may not repeat it (CLIPVisionConfig's default is 512).
-  """
-  config_dict, _ = PretrainedConfig.get_config_dict(name, revision=revision)
-  if config_dict.get("model_type") == "clip":
-    config = CLIPConfig.from_dict(config_dict)
-    vision = config.vision_config
-    vision.projection_dim = config.projection_dim
-    return vision
-  return CLIPVisionConfig.from_dict(config_dict)
+# What a Hub id downloads: the config and the safetensors weights (sharded ones with their index).
+HUB_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json")
+# The weights file of transformers' Flax save_pretrained.
+FLAX_WEIGHTS = "flax_model.msgpack"
+VISION_KEYS = ("vision_model", "visual_projection")
 
 
 @functools.lru_cache(maxsize=4)
-def build_tiny_vision(seed: int = TINY_SEED, dtype: str = "float32") -> FlaxCLIPVisionModelWithProjection:
-  """A randomly initialised tower of `TINY_CONFIG` (params in `.params`), the same for a given seed.
+def _tiny_params(seed: int) -> Params:
+  """Our module's init of `TINY_CONFIG` for `seed` (seconds on a CPU, hence the cache)."""
+  module = clip_towers.CLIPVisionModelWithProjection(clip_towers.VisionConfig(**TINY_CONFIG))
+  size = TINY_CONFIG["image_size"]
+  return module.init(jax.random.key(seed), jnp.zeros((1, 3, size, size), jnp.float32))["params"]
 
-  Cached (initialising takes seconds on a CPU): one object per (seed, dtype).
+
+def tiny_vision(
+  seed: int = TINY_SEED, dtype: jnp.dtype = jnp.float32
+) -> tuple[clip_towers.CLIPVisionModelWithProjection, Params]:
+  """(module, float32 params) of a random `TINY_CONFIG` tower, the same for a given seed."""
+  module = clip_towers.CLIPVisionModelWithProjection(clip_towers.VisionConfig(**TINY_CONFIG), dtype=dtype)
+  # A fresh tree each call, so that a caller editing it leaves the cache alone.
+  return module, jax.tree.map(lambda x: x, _tiny_params(seed))
+
+
+def vision_params_from_flax(tree: Params, config: clip_towers.VisionConfig) -> Params:
+  """The vision tower's float32 params from a restored transformers Flax checkpoint.
+
+  tree: the param tree of flax_model.msgpack, {"vision_model", "visual_projection"}
+  and, for a CLIPModel, the text tower's entries, which are dropped. Raises
+  ValueError naming what is missing, unexpected or misshapen.
   """
-  return FlaxCLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CONFIG), seed=seed, dtype=jnp.dtype(dtype))
+  params = {key: tree[key] for key in VISION_KEYS if key in tree}
+  expected = clip_towers.vision_param_shapes(clip_towers.CLIPVisionModelWithProjection(config))
+  pytorch_weights.check_tree(params, expected, "CLIP vision tower")
+  return jax.tree.map(lambda x: jnp.asarray(np.asarray(x), jnp.float32), params)
+
+
+def load_flax_folder(
+  folder: str, dtype: jnp.dtype = jnp.float32
+) -> tuple[clip_towers.CLIPVisionModelWithProjection, Params]:
+  """(module, float32 params) of a folder saved by transformers' Flax classes (config.json, flax_model.msgpack)."""
+  from flax import serialization
+
+  with open(os.path.join(folder, "config.json")) as f:
+    config = clip_towers.VisionConfig.from_json(json.load(f))
+  with open(os.path.join(folder, FLAX_WEIGHTS), "rb") as f:
+    tree = serialization.msgpack_restore(f.read())
+  return clip_towers.CLIPVisionModelWithProjection(config, dtype=dtype), vision_params_from_flax(tree, config)
+
+
+def load_folder(
+  folder: str, dtype: jnp.dtype = jnp.float32
+) -> tuple[clip_towers.CLIPVisionModelWithProjection, Params]:
+  """(module, float32 params) of a local folder: its *.safetensors, else its flax_model.msgpack.
+
+  Raises pytorch_weights.PickledWeightsError (naming the conversion) when the
+  folder has only pickled PyTorch weights, FileNotFoundError when it has none.
+  """
+  try:
+    pytorch_weights.safetensors_files(folder)
+  except (pytorch_weights.PickledWeightsError, FileNotFoundError):
+    if not os.path.exists(os.path.join(folder, FLAX_WEIGHTS)):
+      raise
+    return load_flax_folder(folder, dtype)
+  return clip_towers.load_vision_tower(folder, dtype)
+
+
+def is_local(name: str) -> bool:
+  """Whether `name` is meant as a local folder rather than a Hugging Face id ("owner/name")."""
+  return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") != 1
+
+
+def download(repo_id: str, revision: str | None = None) -> str:
+  """The local snapshot folder of a Hub repo's config.json and *.safetensors (downloaded once, then cached)."""
+  from huggingface_hub import snapshot_download
+
+  return snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS))
 
 
 def load_vision(
-  name: str,
-  dtype: str = "float32",
-  revision: str | None = None,
-  from_pt: bool = False,
-) -> tuple[nn.Module, Params, int]:
+  name: str, dtype: str = "float32", revision: str | None = None
+) -> tuple[clip_towers.CLIPVisionModelWithProjection, Params, int]:
   """Loads a CLIP vision tower with its projection.
 
   Args:
-    name: a Hugging Face id such as "openai/clip-vit-large-patch14", a local
-      folder in transformers' save_pretrained layout (of a CLIPModel or of
-      `FlaxCLIPVisionModelWithProjection`), or `TINY_RANDOM`.
+    name: a local folder (see the module docstring), a Hugging Face id such as
+      "openai/clip-vit-large-patch14", or `TINY_RANDOM`.
     dtype: compute dtype of the module ("float32" or "bfloat16"); params are
       float32.
-    revision: the Hub revision; None for the default.
-    from_pt: convert PyTorch weights (needs torch installed).
+    revision: the Hub revision of a Hugging Face id; None for the default.
 
   Returns:
     (module, params, image_size): `module.apply({"params": params}, pixels)`
-    maps CLIP-normalised pixels [B, image_size, image_size, 3] to image
+    maps CLIP-normalised pixels [B, 3, image_size, image_size] to image
     embeddings [B, projection_dim].
   """
+  compute_dtype = jnp.dtype(dtype)
   if name == TINY_RANDOM:
-    model = build_tiny_vision(dtype=dtype)
-    params = model.params
-  else:
+    module, params = tiny_vision(dtype=compute_dtype)
+  elif is_local(name):
+    if revision:
+      raise ValueError(f"revision {revision!r} applies to Hugging Face ids, not to the local folder {name!r}")
     path = os.path.expanduser(name)
-    config = vision_config(path, revision)
-    # Without random init the params come back beside the model; transformers'
-    # PyTorch conversion needs the initialised params, though.
-    loaded = FlaxCLIPVisionModelWithProjection.from_pretrained(
-      path, config=config, revision=revision, from_pt=from_pt, dtype=jnp.dtype(dtype), _do_init=from_pt
-    )
-    model, params = (loaded, loaded.params) if from_pt else loaded
-  params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x), jnp.float32), _unfreeze(params))
-  return model.module, params, int(model.config.image_size)
-
-
-def _unfreeze(tree):
-  from flax.core import unfreeze
-
-  return unfreeze(tree)
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{path!r} is not a folder (nor a Hugging Face id)")
+    module, params = load_folder(path, compute_dtype)
+  else:
+    folder = download(name, revision)
+    try:
+      module, params = clip_towers.load_vision_tower(folder, compute_dtype)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+        f"the Hub repo {name!r} (revision {revision or 'default'}) lacks config.json or *.safetensors weights, "
+        f"the only files ddpo_jax downloads ({e}); pickled PyTorch weights: {pytorch_weights.CONVERT_HINT}, "
+        f"then pass the folder; transformers' Flax weights: pass a folder with config.json and {FLAX_WEIGHTS}"
+      ) from e
+  return module, params, int(module.config.image_size)

@@ -10,7 +10,8 @@ Prompts are ignored.
 The whole path, uint8 pixels to score, is one jitted function on this process's
 local devices, the batch split over them. The MLP's weights ship with the
 package (`WEIGHTS_FILE`, written by `convert_aesthetic` from the PyTorch file);
-the CLIP tower loads through `ddpo_jax.models.clip`.
+the CLIP tower (ddpo_jax's own Flax module, `models.clip_towers`) loads through
+`ddpo_jax.models.clip`.
 """
 
 from __future__ import annotations
@@ -104,10 +105,11 @@ def _resample_axis(x: jax.Array, axis: int, length: int, size: int) -> jax.Array
 
 
 def clip_pixels(images: jax.Array, size: int) -> jax.Array:
-  """uint8 images [B, H, W, 3] -> CLIP-normalised float32 pixels [B, size, size, 3].
+  """uint8 images [B, H, W, 3] -> CLIP-normalised float32 pixel_values [B, 3, size, size] (NCHW).
 
   As CLIPImageProcessor: bicubic resize of the shorter side to `size`, centre
-  crop to size x size, scale to [0, 1], normalise by CLIP_MEAN and CLIP_STD.
+  crop to size x size, scale to [0, 1], normalise by CLIP_MEAN and CLIP_STD,
+  channels first (the layout of its pixel_values, which the CLIP tower takes).
   The resize runs as PIL's does, width then height, each pass rounded to uint8
   levels (Pillow >= 13 runs the height first when it shrinks more than the
   width, i.e. for tall images scaled down, which moves some pixels by a few
@@ -118,7 +120,8 @@ def clip_pixels(images: jax.Array, size: int) -> jax.Array:
   x = images.astype(jnp.float32)
   x = _resample_axis(x, 2, new_width, size)
   x = _resample_axis(x, 1, new_height, size)
-  return (x / 255.0 - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+  x = (x / 255.0 - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+  return jnp.transpose(x, (0, 3, 1, 2))
 
 
 # ----------------------------------------------------------------------------
@@ -138,7 +141,7 @@ def aesthetic_scores(vision_module: nn.Module, image_size: int, params: Params, 
   computes in its own dtype, the normalisation and MLP in float32.
   """
   pixels = clip_pixels(images, image_size)
-  embeddings = vision_module.apply({"params": params["vision"]}, pixels, deterministic=True)
+  embeddings = vision_module.apply({"params": params["vision"]}, pixels)
   return AestheticMLP().apply({"params": params["mlp"]}, l2_normalize(embeddings.astype(jnp.float32)))
 
 
@@ -173,25 +176,26 @@ def aesthetic(
   clip_model: str = CLIP_MODEL,
   dtype: str = "float32",
   revision: str = "",
-  from_pt: bool = False,
   weights: str = "",
 ) -> RewardFn:
   """Reward = LAION aesthetic score (about 1 to 10): higher is more aesthetic.
 
   Args:
-    clip_model: the CLIP tower: a Hugging Face id, a local folder in
-      transformers' layout, or "tiny-random" (a small random tower, offline).
-      The MLP was trained on ViT-L/14 embeddings; other towers need their own.
+    clip_model: the CLIP tower: a Hugging Face id (its config.json and
+      *.safetensors are downloaded), a local folder in transformers' layout
+      (config.json with *.safetensors or flax_model.msgpack; pickled weights
+      are refused with how to convert them), or "tiny-random" (a small random
+      tower, offline). The MLP was trained on ViT-L/14 embeddings; other towers
+      need their own.
     dtype: compute dtype of the CLIP tower ("float32" or "bfloat16").
     revision: the Hub revision of clip_model; empty for the default.
-    from_pt: convert clip_model's PyTorch weights (needs torch).
     weights: a converted MLP file (see convert_aesthetic); empty for the
       packaged one.
   """
   from ddpo_jax.models import clip as clip_models
 
-  vision_module, vision_params, image_size = clip_models.load_vision(clip_model, dtype, revision or None, from_pt)
-  pixels = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  vision_module, vision_params, image_size = clip_models.load_vision(clip_model, dtype, revision or None)
+  pixels = jax.ShapeDtypeStruct((1, 3, image_size, image_size), jnp.float32)
   embedding = jax.eval_shape(lambda p, x: vision_module.apply({"params": p}, x), vision_params, pixels)
   if embedding.shape != (1, EMBED_DIM):
     raise ValueError(
