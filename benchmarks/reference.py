@@ -27,33 +27,22 @@ import torch
 from ddpo_jax import ddim
 
 
-def _plain_config(config) -> dict[str, Any]:
-  return {k: v for k, v in dict(config).items() if not k.startswith("_") and k not in ("dtype", "parent", "name")}
+def _load(torch_module, state_dict: dict[str, np.ndarray]) -> None:
+  """Copies a PyTorch-named state dict (our params, converted by ddpo_jax.models) into `torch_module`, strictly."""
+  torch_module.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state_dict.items()})
 
 
-def _load_flax(torch_module, flax_params) -> None:
-  """Copies Flax params into `torch_module` (checked numerically by the bench: log-probs and images)."""
-  from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
-
-  load_flax_weights_in_pytorch_model(torch_module, _vae_names(flax_params))
-
-
-def _vae_names(tree):
-  """diffusers' Flax VAE attention is query/key/value/proj_attn; its torch one to_q/to_k/to_v/to_out_0."""
-  names = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out_0"}
-  if not isinstance(tree, dict):
-    return np.asarray(tree, np.float32)
-  return {names.get(k, k): _vae_names(v) for k, v in tree.items()}
-
-
-def _tanh_gelu(unet) -> None:
-  """diffusers' Flax GEGLU takes flax's default tanh-approximated GELU, its torch one the exact GELU
-  (a 1e-4 relative difference of the UNet's output): the reference computes the same function as ours."""
+def _flax_numerics(unet) -> None:
+  """For UNets trained with diffusers' Flax numerics (UNetConfig.flax_numerics: tanh GELU in GEGLU, GroupNorm
+  eps 1e-5 before each transformer): the reference computes the same function as ours."""
   from diffusers.models.activations import GEGLU
+  from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
   for module in unet.modules():
     if isinstance(module, GEGLU):
       module.gelu = lambda gate: torch.nn.functional.gelu(gate, approximate="tanh")
+    if isinstance(module, Transformer2DModel):
+      module.norm.eps = 1e-5
 
 
 @dataclasses.dataclass
@@ -71,22 +60,29 @@ class TorchModel:
 
 def convert(model, params) -> TorchModel:
   """Our DiffusionModel and params {"unet", "vae", "text_encoder"} as PyTorch modules (float32)."""
+  import json
+  import tempfile
+
   from diffusers import AutoencoderKL
   from diffusers import UNet2DConditionModel
   from transformers import CLIPTextConfig
   from transformers import CLIPTextModel
-  from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+  from ddpo_jax import models
 
   if model.schedule.prediction_type != "epsilon":
     raise ValueError("the reference implements epsilon prediction only")
-  unet = UNet2DConditionModel.from_config(_plain_config(model.unet.config))
-  vae = AutoencoderKL.from_config(_plain_config(model.vae.config))
-  _load_flax(unet, params["unet"])
-  _tanh_gelu(unet)
-  _load_flax(vae, params["vae"])
-  text_encoder = CLIPTextModel(CLIPTextConfig(**model.text_encoder.config.to_dict()))
-  text_params = {"text_model": _vae_names(params["text_encoder"]["text_model"])}
-  load_flax_weights_in_pytorch_model(text_encoder, text_params)
+  with tempfile.TemporaryDirectory() as folder:  # the configs exactly as models.save writes them
+    models.save(model, params, folder)
+    read = lambda component: json.load(open(f"{folder}/{component}/config.json"))
+    unet = UNet2DConditionModel.from_config(read("unet"))
+    vae = AutoencoderKL.from_config(read("vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(read("text_encoder")))
+  _load(unet, models.unet_params_to_pytorch(params["unet"]))
+  if model.unet.config.flax_numerics:
+    _flax_numerics(unet)
+  _load(vae, models.vae_params_to_pytorch(params["vae"]))
+  _load(text_encoder, models.text_params_to_pytorch(params["text_encoder"]))
   for module in (unet, vae, text_encoder):
     module.float().eval()
   return TorchModel(

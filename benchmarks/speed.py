@@ -111,14 +111,6 @@ PRESETS["test"] = dataclasses.replace(
   reference_minibatch=2,
 )
 PROMPT_TOKENS = 16
-# --attention values -> the UNet config fields they set.
-ATTENTION = {
-  "default": {"use_memory_efficient_attention": False, "split_head_dim": False},
-  "split_heads": {"use_memory_efficient_attention": False, "split_head_dim": True},
-  "memory_efficient": {"use_memory_efficient_attention": True, "split_head_dim": False},
-}
-
-
 def _torch_available() -> bool:
   try:
     import torch  # noqa: F401
@@ -155,14 +147,6 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   )
   flags.DEFINE_enum(
     "dtype", "float32", ["float32", "bfloat16"], "Compute dtype of our modules.", flag_values=flag_values
-  )
-  flags.DEFINE_enum(
-    "attention",
-    "default",
-    list(ATTENTION),
-    "diffusers' Flax attention: default (the full score matrix, heads moved to the batch axis), split_heads "
-    "(split_head_dim: heads kept as an axis, no transposes) or memory_efficient (chunked, never the full matrix).",
-    flag_values=flag_values,
   )
   flags.DEFINE_string("xla_flags", "", "Appended to XLA_FLAGS before jax starts.", flag_values=flag_values)
   flags.DEFINE_string(
@@ -210,10 +194,9 @@ def start_jax(xla_flags: str, cache_dir: str, omp_wait_policy: str = ""):
   return jax
 
 
-def build_model(size: str, config, dtype: str, attention: str, seed: int = 0):
+def build_model(size: str, config, dtype: str, seed: int = 0):
   """(DiffusionModel, params) with random weights: a preset's, or the config's model's architecture."""
   import jax
-  import numpy as np
 
   from ddpo_jax import models
 
@@ -221,7 +204,6 @@ def build_model(size: str, config, dtype: str, attention: str, seed: int = 0):
     from ddpo_jax.models import architectures
 
     configs = architectures.component_configs(config.model.name)
-    configs["unet"] = dict(configs["unet"], **ATTENTION[attention])
     model = architectures.build_modules(configs, dtype)
     shapes = architectures.abstract_params(model)
     keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(jax.tree.leaves(shapes))))
@@ -231,8 +213,7 @@ def build_model(size: str, config, dtype: str, attention: str, seed: int = 0):
 
   preset = PRESETS[size]
   tokenizer = models.build_tokenizer(toy_shapes.vocabulary(), tempfile.mkdtemp(), max_length=PROMPT_TOKENS)
-  unet = dict(preset.unet, dtype=np.dtype(dtype), **ATTENTION[attention])
-  model, params = models.build(unet, dict(preset.vae, dtype=np.dtype(dtype)), preset.text, tokenizer, seed)
+  model, params = models.build(preset.unet, preset.vae, preset.text, tokenizer, seed, dtype=dtype)
   return model, params
 
 
@@ -311,8 +292,8 @@ class Setup:
       "num_steps": self.num_steps,
       "guidance_scale": float(self.config.sample.guidance_scale),
       "dtype": str(self.config.model.dtype),
-      "attention": [k for k, v in ATTENTION.items() if all(getattr(self.model.unet, f) == x for f, x in v.items())][0],
-      # Our blocked attention's block (0: diffusers' layers); --config.model.attention_block_mb sets it.
+      # --config.model.attention and --config.model.attention_block_mb set them.
+      "attention": self.model.attention,
       "attention_block_mb": self.model.attention_block_bytes / 2**20,
       "device": jax.devices()[0].device_kind,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -363,7 +344,7 @@ def setup(num_batches: int = 1) -> Setup:
   preset = PRESETS.get(FLAGS.size)
   overrides = {k: getattr(FLAGS, k) for k in ("batch_size", "num_steps", "minibatch")}
   config = bench_config(FLAGS.config, preset, overrides, num_batches, FLAGS.dtype)
-  model, params = build_model(FLAGS.size, config, FLAGS.dtype, FLAGS.attention, config.seed)
+  model, params = build_model(FLAGS.size, config, FLAGS.dtype, config.seed)
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   config, model, layout = steps.configure(config, model, params["unet"], mesh)
   jitted = steps.jit(config, model, mesh, layout)

@@ -22,15 +22,16 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   # A Hugging Face id, a local folder in diffusers' layout, or "toy-world".
   config.model.name = "CompVis/stable-diffusion-v1-4"
-  # Hub revision; "flax" holds SD v1.4's Flax weights. Empty for the default.
-  config.model.revision = "flax"
-  # Convert PyTorch weights (needs torch installed).
-  config.model.from_pt = False
+  # Hub revision (a branch, tag or commit); empty for the default branch.
+  config.model.revision = ""
   # Compute dtype of the modules: "float32" or "bfloat16" (params stay float32).
   config.model.dtype = "float32"
-  # MB of float32 attention scores per block of ddpo_jax's blocked attention in the UNet's
-  # attention layers ("0": diffusers' own layers). "auto": 4 on the CPU, where blocking is
-  # faster, 0 on accelerators; config.json records the resolved value.
+  # The attention of the UNet and the VAE: "auto" (TPU: "flash", Pallas' flash attention;
+  # GPU: "cudnn", jax.nn.dot_product_attention's cuDNN kernel; CPU: "blocked"), or "xla"
+  # (plain einsum-softmax, anywhere); config.json records the resolved value.
+  config.model.attention = "auto"
+  # MB of float32 attention scores per block of the "blocked" attention. "auto": 4 where
+  # the attention is "blocked", else 0; config.json records the resolved value.
   config.model.attention_block_mb = "auto"
 
   config.mesh = ml_collections.ConfigDict()

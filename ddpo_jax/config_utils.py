@@ -122,7 +122,7 @@ def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.
 # config.train.accumulation values: how an optimiser step's minibatches are accumulated.
 ACCUMULATIONS = ("auto", "unrolled", "scan")
 # config.model.attention_block_mb's "auto": MB of float32 scores per block of the blocked attention
-# on the CPU, where blocking wins (docs/speed.md); accelerators keep diffusers' attention layers (0).
+# (the CPU's, where blocking wins: docs/speed.md); 0 (unused) for the other implementations.
 CPU_ATTENTION_BLOCK_MB = 4
 
 
@@ -140,17 +140,24 @@ def resolve_accumulation(setting: str, backend: str) -> str:
   return setting
 
 
-def resolve_attention_block_mb(setting: str, backend: str) -> float:
-  """config.model.attention_block_mb for `backend`, in MB (0: diffusers' attention layers)."""
+def resolve_attention(setting: str, backend: str) -> str:
+  """config.model.attention for `backend`: one of `attention.IMPLEMENTATIONS` that runs there."""
+  from ddpo_jax.models import attention
+
+  return attention.resolve(setting, backend)
+
+
+def resolve_attention_block_mb(setting: str, attention: str) -> float:
+  """config.model.attention_block_mb for the resolved `attention`, in MB (0: one block)."""
   if setting == "auto":
-    return float(CPU_ATTENTION_BLOCK_MB if backend == "cpu" else 0)
+    return float(CPU_ATTENTION_BLOCK_MB if attention == "blocked" else 0)
   try:
     value = float(setting)
   except (TypeError, ValueError):
     value = float("nan")
   if not value >= 0 or value == float("inf"):
     raise ValueError(
-      f"config.model.attention_block_mb={setting!r} must be 'auto' or a number of MB >= 0 (0: diffusers' attention)."
+      f"config.model.attention_block_mb={setting!r} must be 'auto' or a number of MB >= 0 (0: one block)."
     )
   return value
 
@@ -160,7 +167,9 @@ def resolve_auto(config: ml_collections.ConfigDict, backend: str) -> ml_collecti
   resolved = config.copy_and_resolve_references()
   with resolved.unlocked():
     resolved.train.accumulation = resolve_accumulation(config.train.accumulation, backend)
-    resolved.model.attention_block_mb = f"{resolve_attention_block_mb(config.model.attention_block_mb, backend):g}"
+    resolved.model.attention = resolve_attention(config.model.attention, backend)
+    block_mb = resolve_attention_block_mb(config.model.attention_block_mb, resolved.model.attention)
+    resolved.model.attention_block_mb = f"{block_mb:g}"
   if config.is_locked:
     resolved.lock()
   return resolved

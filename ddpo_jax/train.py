@@ -68,7 +68,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
   )
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   model, params = models.load(
-    config.model.name, revision=config.model.revision or None, dtype=config.model.dtype, from_pt=config.model.from_pt
+    config.model.name, revision=config.model.revision or None, dtype=config.model.dtype
   )
   try:
     config, model, layout = steps_lib.configure(config, model, params["unet"], mesh)

@@ -9,6 +9,7 @@ import os
 import re
 import tempfile
 
+import jax
 import ml_collections
 
 from ddpo_jax import advantages
@@ -138,12 +139,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
     raise ConfigError(f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1.")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'.")
-  for resolve, setting in (
-    (config_utils.resolve_accumulation, config.train.accumulation),
-    (config_utils.resolve_attention_block_mb, config.model.attention_block_mb),
+  for resolve, setting, backend in (
+    (config_utils.resolve_accumulation, config.train.accumulation, "cpu"),
+    (config_utils.resolve_attention, config.model.attention, jax.default_backend()),
+    (config_utils.resolve_attention_block_mb, config.model.attention_block_mb, "blocked"),
   ):
     try:
-      resolve(setting, "cpu")
+      resolve(setting, backend)
     except ValueError as e:
       raise ConfigError(str(e)) from e
   if not 0 <= config.mesh.min_sharded_fraction <= 1:

@@ -111,16 +111,16 @@ def test_gradient_flows_through_the_mean_only():
 
 
 def test_timesteps_are_the_schedulers():
-  from diffusers import FlaxDDIMScheduler
+  from diffusers import DDIMScheduler
 
-  scheduler = FlaxDDIMScheduler(
+  scheduler = DDIMScheduler(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False
   )
-  state = scheduler.set_timesteps(scheduler.create_state(), 50)
+  scheduler.set_timesteps(50)
   ours = ddim.inference_timesteps(1000, 50, 1)
-  np.testing.assert_array_equal(ours, np.asarray(state.timesteps))
+  np.testing.assert_array_equal(ours, scheduler.timesteps.numpy())
   assert ours[0] == 981 and ours[-1] == 1
-  np.testing.assert_allclose(np.asarray(state.common.alphas_cumprod), sd_alphas_cumprod(), rtol=1e-5)
+  np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), sd_alphas_cumprod(), rtol=1e-5)
 
 
 def test_gaussian_kl_matches_numpy():

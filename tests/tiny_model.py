@@ -23,28 +23,34 @@ TEXT_CONFIG = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, nu
 
 
 def save_tiny_model(path: str, seed: int = 0) -> None:
+  """Builds the tiny model with random weights and saves it with `models.save` (PyTorch safetensors)."""
   tokenizer = models.build_tokenizer(shapes.vocabulary(), os.path.join(path, "_tokenizer_src"), max_length=12)
   model, params = models.build(UNET_CONFIG, VAE_CONFIG, TEXT_CONFIG, tokenizer, seed)
   models.save(model, params, path)
 
 
-def save_as_pytorch(flax_dir: str, torch_dir: str) -> None:
-  """Writes a model folder of the same configs with PyTorch weights (random:
-  what matters is that the Flax conversion reproduces the torch outputs)."""
+def save_with_pytorch(folder: str, torch_dir: str, seed: int = 0) -> None:
+  """Writes a model folder of `folder`'s configs whose UNet, VAE and text encoder are randomly initialised and
+  saved by diffusers' and transformers' PyTorch classes themselves (save_pretrained, safetensors)."""
   import shutil
 
   from diffusers import AutoencoderKL
   from diffusers import UNet2DConditionModel
+  import torch
   from transformers import CLIPTextConfig
   from transformers import CLIPTextModel
 
-  shutil.copytree(flax_dir, torch_dir)
-  for sub in ("unet", "vae", "text_encoder"):
-    for name in os.listdir(os.path.join(torch_dir, sub)):
-      if name.endswith(".msgpack"):
-        os.remove(os.path.join(torch_dir, sub, name))
+  shutil.copytree(folder, torch_dir)
+  torch.manual_seed(seed)
   for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
-    folder = os.path.join(torch_dir, sub)
-    cls.from_config(cls.load_config(folder)).save_pretrained(folder, safe_serialization=False)
-  folder = os.path.join(torch_dir, "text_encoder")
-  CLIPTextModel(CLIPTextConfig.from_pretrained(folder)).save_pretrained(folder, safe_serialization=False)
+    path = os.path.join(torch_dir, sub)
+    shutil.rmtree(path)
+    module = cls.from_config(cls.load_config(os.path.join(folder, sub)))
+    with torch.no_grad():  # diffusers zero-initialises some output layers; random everywhere tests more
+      for p in module.parameters():
+        p.add_(0.02 * torch.randn_like(p))
+    module.save_pretrained(path, safe_serialization=True)
+  path = os.path.join(torch_dir, "text_encoder")
+  config = CLIPTextConfig.from_pretrained(path)
+  shutil.rmtree(path)
+  CLIPTextModel(config).save_pretrained(path, safe_serialization=True)

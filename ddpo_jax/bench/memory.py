@@ -371,7 +371,7 @@ def make_plan(config, devices):
 
   config = config_utils.resolve_auto(config, jax.default_backend())
   model, params = abstract_model(config.model.name, config.model.dtype)
-  model = models.with_attention_block(model, float(config.model.attention_block_mb))
+  model = models.with_attention(model, config.model.attention, float(config.model.attention_block_mb))
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   settings = steps.update_settings(config)
   optimizer = train_state.make_optimizer(config.train)

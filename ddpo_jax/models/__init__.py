@@ -1,13 +1,18 @@
 """The model layer: Stable-Diffusion-shaped models and their pure functions.
 
-diffusion.py      `DiffusionModel`, loading and saving in diffusers' layout, and the
-                  functions the rest of ddpo_jax calls (tokenize, encode_prompts,
-                  predict_noise, decode_latents, encode_images); re-exported here.
-attention.py      the blocked attention with a written-out backward pass.
-architectures.py  the modules of a model without its weights (memory planning).
-clip.py           loading the CLIP vision tower with projection (the aesthetic reward's) by name.
+diffusion.py        `DiffusionModel`, loading and saving in diffusers' layout, and the
+                    functions the rest of ddpo_jax calls (tokenize, encode_prompts,
+                    predict_noise, decode_latents, encode_images); re-exported here.
+unet.py, vae.py     SD's UNet2DConditionModel and AutoencoderKL in Flax (layers.py: their blocks).
+clip_towers.py      CLIP's text encoders and vision tower in Flax.
+tokenizer.py        CLIP's BPE tokenizer (the `tokenizers` library).
+pytorch_weights.py  PyTorch safetensors <-> NumPy, without torch.
+attention.py        the attention implementations, chosen by config.model.attention.
+architectures.py    the modules of a model without its weights (memory planning).
+clip.py             loading the CLIP vision tower of CLIP-based rewards.
 """
 
+from ddpo_jax.models.clip_towers import params_to_pytorch as text_params_to_pytorch
 from ddpo_jax.models.diffusion import SD_V1_SCHEDULER
 from ddpo_jax.models.diffusion import TOY_MODEL
 from ddpo_jax.models.diffusion import TOY_MODEL_DIR
@@ -26,8 +31,11 @@ from ddpo_jax.models.diffusion import predict_noise
 from ddpo_jax.models.diffusion import resolve_path
 from ddpo_jax.models.diffusion import save
 from ddpo_jax.models.diffusion import tokenize
+from ddpo_jax.models.diffusion import with_attention
 from ddpo_jax.models.diffusion import with_attention_block
 from ddpo_jax.models.diffusion import with_vae_scaling_factor
+from ddpo_jax.models.unet import unet_params_to_pytorch
+from ddpo_jax.models.vae import vae_params_to_pytorch
 
 __all__ = [
   "SD_V1_SCHEDULER",
@@ -47,7 +55,11 @@ __all__ = [
   "predict_noise",
   "resolve_path",
   "save",
+  "text_params_to_pytorch",
   "tokenize",
+  "unet_params_to_pytorch",
+  "vae_params_to_pytorch",
+  "with_attention",
   "with_attention_block",
   "with_vae_scaling_factor",
 ]

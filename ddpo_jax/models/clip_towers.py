@@ -498,6 +498,15 @@ def text_encoder(
   return module_class(config, dtype=dtype, attention_fn=attention_fn)
 
 
+def params_to_pytorch(params: Params) -> dict[str, np.ndarray]:
+  """A text encoder's or vision tower's params -> transformers' PyTorch state dict (float32 NumPy)."""
+  state_dict = {}
+  for path, array in pytorch_weights.flatten(params).items():
+    leaf, tensor = pytorch_weights.pytorch_tensor(path[-1], np.asarray(array))
+    state_dict[".".join(path[:-1] + (leaf,))] = tensor
+  return state_dict
+
+
 def _read_config(folder: str) -> dict:
   with open(os.path.join(folder, "config.json")) as f:
     return json.load(f)

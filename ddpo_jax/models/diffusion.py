@@ -1,10 +1,8 @@
 """Loading, building and saving Stable-Diffusion-shaped models.
 
-With its siblings architectures.py (modules without weights) and clip.py (the
-CLIP vision tower), the only code of ddpo_jax that imports diffusers or
-transformers: everything else sees a `DiffusionModel` (modules, tokenizer,
-noise schedule) plus a params dict {"unet", "vae", "text_encoder"} and the pure
-functions below, so replacing those libraries is a change to models/ alone.
+Everything outside models/ sees a `DiffusionModel` (our Flax modules: unet.py,
+vae.py, clip_towers.py; the tokenizer; the noise schedule) plus a params dict
+{"unet", "vae", "text_encoder"} and the pure functions below.
 
 A model is a folder in diffusers' `save_pretrained` layout (model_index.json,
 unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a Hugging Face id of one;
@@ -14,18 +12,22 @@ through exactly the same code path as Stable Diffusion.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
+import math
 import os
-import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpo_jax.models import attention
+from ddpo_jax.models import attention as attention_lib
+from ddpo_jax.models import clip_towers
+from ddpo_jax.models import pytorch_weights
+from ddpo_jax.models import tokenizer as tokenizer_lib
+from ddpo_jax.models import unet as unet_lib
+from ddpo_jax.models import vae as vae_lib
 
 # The shipped toy-world model: `model.name = TOY_MODEL` selects it.
 TOY_MODEL = "toy-world"
@@ -59,7 +61,14 @@ class NoiseSchedule:
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionModel:
-  """The modules of a latent text-to-image model (no params inside)."""
+  """The modules of a latent text-to-image model (no params inside).
+
+  unet, vae, text_encoder: our Flax modules (`unet.UNet`, `vae.AutoencoderKL`,
+  `clip_towers.CLIPTextModel`), each with its `config`, compute `dtype` and
+  `attention_fn`; tokenizer: `tokenizer.CLIPTokenizer`. `attention` names the
+  implementation the UNet's attention_fn is (`attention.IMPLEMENTATIONS`) and
+  `attention_block_bytes` the block size of "blocked".
+  """
 
   unet: Any
   vae: Any
@@ -67,9 +76,10 @@ class DiffusionModel:
   tokenizer: Any
   schedule: NoiseSchedule
   path: str
-  # Bytes of float32 scores per block of our blocked attention (`attention.blocked_attention`) in the
-  # UNet's attention layers; 0 keeps diffusers' own layers. Set from config.model.attention_block_mb.
+  attention: str = "xla"
   attention_block_bytes: int = 0
+  # The scheduler's config.json (diffusers' names), written back by `save`.
+  scheduler_config: tuple[tuple[str, Any], ...] = ()
 
   @property
   def latent_channels(self) -> int:
@@ -81,7 +91,7 @@ class DiffusionModel:
 
   @property
   def vae_scale_factor(self) -> int:
-    return 2 ** (len(self.vae.config.block_out_channels) - 1)
+    return int(self.vae.config.downscale)
 
   @property
   def image_size(self) -> int:
@@ -98,6 +108,10 @@ class DiffusionModel:
   @property
   def text_hidden_size(self) -> int:
     return int(self.text_encoder.config.hidden_size)
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.unet.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -128,99 +142,8 @@ def check_model_folder(name: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------
-# Loading and saving.
+# The noise schedule.
 # ----------------------------------------------------------------------------
-
-
-def _schedule_from_scheduler(scheduler) -> NoiseSchedule:
-  state = scheduler.create_state()
-  config = scheduler.config
-  return NoiseSchedule(
-    alphas_cumprod=np.asarray(state.common.alphas_cumprod, np.float64),
-    final_alpha_cumprod=float(state.final_alpha_cumprod),
-    steps_offset=int(config.steps_offset),
-    prediction_type=str(config.prediction_type),
-  )
-
-
-def load(
-  name: str,
-  revision: str | None = None,
-  dtype: str = "float32",
-  from_pt: bool = False,
-) -> tuple[DiffusionModel, Params]:
-  """Loads a model from a local folder or a Hugging Face id.
-
-  Args:
-    name: a folder in diffusers' layout, a Hugging Face id such as
-      "CompVis/stable-diffusion-v1-4", or `TOY_MODEL`.
-    revision: the Hub revision ("flax" holds SD v1.4's Flax weights).
-    dtype: compute dtype of the modules ("float32" or "bfloat16"); params stay
-      as stored (float32 master weights).
-    from_pt: convert PyTorch weights (needs torch installed).
-
-  Returns:
-    The model and its params {"unet", "vae", "text_encoder"}, float32 NumPy arrays.
-  """
-  from diffusers import FlaxAutoencoderKL
-  from diffusers import FlaxDDIMScheduler
-  from diffusers import FlaxUNet2DConditionModel
-  from transformers import CLIPTokenizer
-  from transformers import FlaxCLIPTextModel
-
-  path = os.path.expanduser(resolve_path(name))
-  compute_dtype = jnp.dtype(dtype)
-  common = dict(revision=revision, from_pt=from_pt, dtype=compute_dtype)
-  unet, unet_params = FlaxUNet2DConditionModel.from_pretrained(path, subfolder="unet", **common)
-  vae, vae_params = FlaxAutoencoderKL.from_pretrained(path, subfolder="vae", **common)
-  text_encoder = FlaxCLIPTextModel.from_pretrained(path, subfolder="text_encoder", _do_init=True, **common)
-  tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=revision)
-  scheduler, _ = FlaxDDIMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)
-  model = DiffusionModel(
-    unet=unet,
-    vae=vae,
-    text_encoder=text_encoder,
-    tokenizer=tokenizer,
-    schedule=_schedule_from_scheduler(scheduler),
-    path=path,
-  )
-  params = {"unet": unet_params, "vae": vae_params, "text_encoder": text_encoder.params}
-  # On the host: placed on the mesh by the caller (a global sharding may span hosts).
-  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
-  return model, params
-
-
-def save(model: DiffusionModel, params: Params, path: str) -> None:
-  """Writes `model` with `params` in diffusers' save_pretrained layout.
-
-  The folder loads back with `load` and with diffusers'
-  FlaxStableDiffusionPipeline.from_pretrained(path, safety_checker=None,
-  feature_extractor=None).
-  """
-  import diffusers
-  from diffusers import FlaxDDIMScheduler
-
-  os.makedirs(path, exist_ok=True)
-  to_numpy = lambda tree: jax.tree.map(np.asarray, tree)
-  model.unet.save_pretrained(os.path.join(path, "unet"), params=to_numpy(params["unet"]))
-  model.vae.save_pretrained(os.path.join(path, "vae"), params=to_numpy(params["vae"]))
-  model.text_encoder.save_pretrained(os.path.join(path, "text_encoder"), params=to_numpy(params["text_encoder"]))
-  model.tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
-  FlaxDDIMScheduler(**_scheduler_config(model.schedule)).save_pretrained(os.path.join(path, "scheduler"))
-  index = {
-    "_class_name": "FlaxStableDiffusionPipeline",
-    "_diffusers_version": diffusers.__version__,
-    "feature_extractor": [None, None],
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "FlaxDDIMScheduler"],
-    "text_encoder": ["transformers", "FlaxCLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "FlaxUNet2DConditionModel"],
-    "vae": ["diffusers", "FlaxAutoencoderKL"],
-  }
-  with open(os.path.join(path, "model_index.json"), "w") as f:
-    json.dump(index, f, indent=2)
-
 
 # SD v1's scheduler settings (scaled-linear betas over 1000 steps, epsilon
 # prediction, steps_offset 1, set_alpha_to_one false).
@@ -234,6 +157,279 @@ SD_V1_SCHEDULER = dict(
   steps_offset=1,
   prediction_type="epsilon",
 )
+_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _betas(config: dict) -> np.ndarray:
+  """float64 [num_train_timesteps] betas of a diffusers scheduler config (DDIMScheduler's rules)."""
+  n = int(config.get("num_train_timesteps", 1000))
+  if config.get("trained_betas") is not None:
+    return np.asarray(config["trained_betas"], np.float64)
+  start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+  schedule = config.get("beta_schedule", "linear")
+  if schedule == "linear":
+    return np.linspace(start, end, n, dtype=np.float32).astype(np.float64)
+  if schedule == "scaled_linear":
+    return (np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2).astype(np.float64)
+  if schedule == "squaredcos_cap_v2":
+    alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)]
+    return np.asarray(betas, np.float32).astype(np.float64)
+  raise ValueError(f"unsupported scheduler beta_schedule {schedule!r}; supported: {_BETA_SCHEDULES}")
+
+
+def schedule_from_config(config: dict) -> NoiseSchedule:
+  """The noise schedule of a diffusers scheduler_config.json dict (DDIM's reading of it).
+
+  Raises ValueError for settings our DDIM sampler does not implement (another
+  timestep spacing than "leading", zero-terminal-SNR rescaling, thresholding).
+  """
+  unsupported = []
+  if config.get("timestep_spacing", "leading") != "leading":
+    unsupported.append(f"timestep_spacing={config['timestep_spacing']!r}")
+  if config.get("rescale_betas_zero_snr"):
+    unsupported.append("rescale_betas_zero_snr=true")
+  if config.get("thresholding"):
+    unsupported.append("thresholding=true")
+  if unsupported:
+    raise ValueError(f"unsupported scheduler settings: {', '.join(unsupported)} (ddpo_jax samples with leading DDIM)")
+  # float32 products as diffusers computes them (its torch tensors are float32).
+  alphas_cumprod = np.cumprod(1.0 - _betas(config).astype(np.float32), dtype=np.float32).astype(np.float64)
+  final = 1.0 if config.get("set_alpha_to_one", True) else float(alphas_cumprod[0])
+  return NoiseSchedule(
+    alphas_cumprod=alphas_cumprod,
+    final_alpha_cumprod=final,
+    steps_offset=int(config.get("steps_offset", 0)),
+    prediction_type=str(config.get("prediction_type", "epsilon")),
+  )
+
+
+# ----------------------------------------------------------------------------
+# Loading and saving.
+# ----------------------------------------------------------------------------
+
+# Old Flax checkpoints (diffusers' and transformers' Flax classes) by component.
+FLAX_WEIGHTS = {
+  "unet": "diffusion_flax_model.msgpack",
+  "vae": "diffusion_flax_model.msgpack",
+  "text_encoder": "flax_model.msgpack",
+}
+PYTORCH_WEIGHTS = {
+  "unet": "diffusion_pytorch_model.safetensors",
+  "vae": "diffusion_pytorch_model.safetensors",
+  "text_encoder": "model.safetensors",
+}
+# What a download from the Hub fetches: configs, tokenizer files and one set of weights.
+_HUB_PATTERNS = (
+  "model_index.json",
+  "*/*.json",
+  "*/*.txt",
+  "*/diffusion_pytorch_model.safetensors",
+  "*/diffusion_pytorch_model-*.safetensors",
+  "*/model.safetensors",
+  "*/model-*.safetensors",
+  "*/*.msgpack",
+)
+# The diffusers version whose PyTorch classes read what `save` writes (tested).
+_DIFFUSERS_LAYOUT_VERSION = "0.42.1"
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def local_folder(name: str, revision: str | None = None) -> str:
+  """The local folder of a model: itself, the shipped toy model, or a Hub download.
+
+  A Hugging Face id is fetched with huggingface_hub (configs, the tokenizer and
+  the safetensors weights only; cached, offline when HF_HUB_OFFLINE=1).
+  """
+  if is_local(name):
+    return os.path.expanduser(resolve_path(name))
+  from huggingface_hub import snapshot_download
+
+  return snapshot_download(name, revision=revision, allow_patterns=list(_HUB_PATTERNS))
+
+
+def _read_params(folder: str, component: str, from_pytorch, expected: Params) -> Params:
+  """A component's params: PyTorch safetensors (converted), else an old Flax msgpack (as stored)."""
+  has_safetensors = any(f.endswith(".safetensors") for f in os.listdir(folder))
+  msgpack = os.path.join(folder, FLAX_WEIGHTS[component])
+  if not has_safetensors and os.path.exists(msgpack):
+    from flax import serialization
+
+    with open(msgpack, "rb") as f:
+      params = serialization.msgpack_restore(f.read())
+    pytorch_weights.check_tree(params, expected, f"{component} (Flax msgpack)")
+    return params
+  return from_pytorch(pytorch_weights.read_state_dict(folder))
+
+
+def _float32_numpy(tree) -> Params:
+  return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
+
+
+def load(name: str, revision: str | None = None, dtype: str = "float32") -> tuple[DiffusionModel, Params]:
+  """Loads a model from a local folder or a Hugging Face id.
+
+  Args:
+    name: a folder in diffusers' layout, a Hugging Face id such as
+      "CompVis/stable-diffusion-v1-4", or `TOY_MODEL`. Each of unet/, vae/ and
+      text_encoder/ holds PyTorch `*.safetensors` weights (the standard format,
+      read without torch) or an older Flax `*.msgpack`; pickled weights are
+      refused (`pytorch_weights.PickledWeightsError` says how to convert them).
+    revision: the Hub revision.
+    dtype: compute dtype of the modules ("float32" or "bfloat16"); params stay
+      as stored (float32 master weights).
+
+  Returns:
+    The model and its params {"unet", "vae", "text_encoder"}, float32 NumPy arrays.
+  """
+  path = local_folder(name, revision)
+  problem = check_model_folder(path)
+  if problem:
+    raise ValueError(f"cannot load model {name!r}: {problem}.")
+  model = build_modules(folder_configs(path), dtype)
+  sub = lambda component: os.path.join(path, component)
+  params = {
+    "unet": _read_params(
+      sub("unet"),
+      "unet",
+      lambda sd: unet_lib.unet_params_from_pytorch(sd, model.unet.config),
+      unet_lib.param_shapes(model.unet, unet_lib.example_inputs(model.unet.config)),
+    ),
+    "vae": _read_params(
+      sub("vae"),
+      "vae",
+      lambda sd: vae_lib.vae_params_from_pytorch(sd, model.vae.config),
+      unet_lib.param_shapes(model.vae, vae_lib.example_inputs(model.vae.config)),
+    ),
+    "text_encoder": _read_params(
+      sub("text_encoder"),
+      "text_encoder",
+      lambda sd: clip_towers.text_params_from_pytorch(sd, model.text_encoder.config),
+      clip_towers.text_param_shapes(model.text_encoder),
+    ),
+  }
+  # On the host: placed on the mesh by the caller (a global sharding may span hosts).
+  return dataclasses.replace(model, path=path), _float32_numpy(params)
+
+
+def folder_configs(path: str) -> dict[str, Any]:
+  """{"unet", "vae", "text_encoder", "scheduler": config dicts, "tokenizer": {"path"}, "path"} of a model folder."""
+  return {
+    "unet": _read_json(os.path.join(path, "unet", "config.json")),
+    "vae": _read_json(os.path.join(path, "vae", "config.json")),
+    "text_encoder": _read_json(os.path.join(path, "text_encoder", "config.json")),
+    "scheduler": _read_json(os.path.join(path, "scheduler", "scheduler_config.json")),
+    "tokenizer": {"path": os.path.join(path, "tokenizer")},
+    "path": path,
+  }
+
+
+def build_modules(configs: dict[str, Any], dtype: str = "float32", tokenizer=None) -> DiffusionModel:
+  """The modules of a model from its component configs (diffusers' and transformers' config.json dicts).
+
+  configs["tokenizer"]: {"path": a tokenizer folder}, or the fields of a
+  `StandInTokenizer` (an abstract model's); `tokenizer`, when given, is used instead.
+  """
+  compute_dtype = jnp.dtype(dtype)
+  if tokenizer is None:
+    spec = configs["tokenizer"]
+    if "path" in spec:
+      tokenizer = tokenizer_lib.CLIPTokenizer.from_folder(spec["path"])
+    else:
+      tokenizer = StandInTokenizer(**{f.name: int(spec[f.name]) for f in dataclasses.fields(StandInTokenizer)})
+  text_config = clip_towers.TextConfig.from_json(configs["text_encoder"])
+  with_projection = "CLIPTextModelWithProjection" in configs["text_encoder"].get("architectures", ())
+  return DiffusionModel(
+    unet=unet_lib.UNet(unet_lib.UNetConfig.from_json(configs["unet"]), dtype=compute_dtype),
+    vae=vae_lib.AutoencoderKL(vae_lib.VAEConfig.from_json(configs["vae"]), dtype=compute_dtype),
+    text_encoder=clip_towers.text_encoder(text_config, with_projection, compute_dtype),
+    tokenizer=tokenizer,
+    schedule=schedule_from_config(configs["scheduler"]),
+    path=configs.get("path", ""),
+    scheduler_config=tuple(sorted((k, v) for k, v in configs["scheduler"].items() if not k.startswith("_"))),
+  )
+
+
+def _config_fields(config) -> dict:
+  """A frozen config dataclass as a JSON-ready dict (tuples as lists)."""
+  return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def _unet_config_json(config: unet_lib.UNetConfig) -> dict:
+  fields = _config_fields(config)
+  flax_numerics = fields.pop("flax_numerics")
+  out = {"_class_name": "UNet2DConditionModel", "_diffusers_version": _DIFFUSERS_LAYOUT_VERSION, **fields}
+  if flax_numerics:
+    out["_flax_numerics"] = True  # diffusers ignores "_" keys; our loader reads it (unet.UNetConfig.from_json)
+  return out
+
+
+def _text_config_json(model: DiffusionModel) -> dict:
+  config = model.text_encoder.config
+  with_projection = isinstance(model.text_encoder, clip_towers.CLIPTextModelWithProjection)
+  return {
+    "architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
+    "model_type": "clip_text_model",
+    **_config_fields(config),
+    "bos_token_id": int(model.tokenizer.bos_token_id),
+    "pad_token_id": int(model.tokenizer.pad_token_id),
+  }
+
+
+def _write_json(path: str, value: dict) -> None:
+  with open(path, "w") as f:
+    json.dump(value, f, indent=2)
+
+
+def save(model: DiffusionModel, params: Params, path: str) -> None:
+  """Writes `model` with `params` in diffusers' save_pretrained layout, PyTorch safetensors weights.
+
+  The folder loads back with `load`, and with diffusers' PyTorch
+  `StableDiffusionPipeline.from_pretrained(path, safety_checker=None)` (tested).
+  """
+  os.makedirs(path, exist_ok=True)
+  state_dicts = {
+    "unet": unet_lib.unet_params_to_pytorch(params["unet"]),
+    "vae": vae_lib.vae_params_to_pytorch(params["vae"]),
+    "text_encoder": clip_towers.params_to_pytorch(params["text_encoder"]),
+  }
+  configs = {
+    "unet": _unet_config_json(model.unet.config),
+    "vae": {
+      "_class_name": "AutoencoderKL",
+      "_diffusers_version": _DIFFUSERS_LAYOUT_VERSION,
+      **_config_fields(model.vae.config),
+    },
+    "text_encoder": _text_config_json(model),
+  }
+  for component, state_dict in state_dicts.items():
+    folder = os.path.join(path, component)
+    os.makedirs(folder, exist_ok=True)
+    pytorch_weights.write_state_dict(state_dict, os.path.join(folder, PYTORCH_WEIGHTS[component]))
+    _write_json(os.path.join(folder, "config.json"), configs[component])
+  model.tokenizer.save(os.path.join(path, "tokenizer"))
+  os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+  scheduler = {"_class_name": "DDIMScheduler", "_diffusers_version": _DIFFUSERS_LAYOUT_VERSION}
+  scheduler.update(dict(model.scheduler_config) or _scheduler_config(model.schedule))
+  _write_json(os.path.join(path, "scheduler", "scheduler_config.json"), scheduler)
+  index = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": _DIFFUSERS_LAYOUT_VERSION,
+    "feature_extractor": [None, None],
+    "image_encoder": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", type(model.text_encoder).__name__],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+  }
+  _write_json(os.path.join(path, "model_index.json"), index)
 
 
 def _scheduler_config(schedule: NoiseSchedule) -> dict:
@@ -243,39 +439,8 @@ def _scheduler_config(schedule: NoiseSchedule) -> dict:
 
 
 def build_tokenizer(words: list[str], directory: str, max_length: int):
-  """Builds a CLIP BPE tokenizer from the words of a closed vocabulary.
-
-  CLIP's byte-level BPE needs every byte symbol (alone and word-final) in the
-  vocabulary; each word adds the merges that spell it left to right. Merges
-  are tried lowest rank first, so a few words end up as two or three pieces
-  ("purple" -> "pur", "pl", "e</w>", since "pl" of "plain" ranks earlier), as
-  in CLIP's own vocabulary; the pieces are the same for every caption.
-  """
-  from transformers import CLIPTokenizer
-  from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-  symbols = list(bytes_to_unicode().values())
-  vocab = symbols + [s + "</w>" for s in symbols]
-  merges = []
-  for word in sorted(set(words)):
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
-    current = pieces[0]
-    for piece in pieces[1:]:
-      merged = current + piece
-      if (current, piece) not in merges:
-        merges.append((current, piece))
-      if merged not in vocab:
-        vocab.append(merged)
-      current = merged
-  vocab += ["<|startoftext|>", "<|endoftext|>"]
-  os.makedirs(directory, exist_ok=True)
-  vocab_file = os.path.join(directory, "vocab.json")
-  merges_file = os.path.join(directory, "merges.txt")
-  with open(vocab_file, "w") as f:
-    json.dump({token: i for i, token in enumerate(vocab)}, f)
-  with open(merges_file, "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  return CLIPTokenizer(vocab_file, merges_file, model_max_length=max_length)
+  """A closed-vocabulary CLIP BPE tokenizer of `words` (see `tokenizer.build_tokenizer`)."""
+  return tokenizer_lib.build_tokenizer(words, directory, max_length)
 
 
 def build(
@@ -285,62 +450,56 @@ def build(
   tokenizer,
   seed: int,
   schedule_config: dict | None = None,
+  dtype: str = "float32",
 ) -> tuple[DiffusionModel, Params]:
-  """A randomly initialised model of the given component configs (for the toy
-  world's pretraining and for tests)."""
-  from diffusers import FlaxAutoencoderKL
-  from diffusers import FlaxDDIMScheduler
-  from diffusers import FlaxUNet2DConditionModel
-  from transformers import CLIPTextConfig
-  from transformers import FlaxCLIPTextModel
-
+  """A randomly initialised model of the given component configs (diffusers' and
+  transformers' config fields; for the toy world's pretraining, tests and benchmarks)."""
   unet_key, vae_key, text_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-  unet = FlaxUNet2DConditionModel(**unet_config)
-  vae = FlaxAutoencoderKL(**vae_config)
-  text_config = dict(text_config, vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length)
-  text_config.setdefault("eos_token_id", tokenizer.eos_token_id)
-  text_config.setdefault("bos_token_id", tokenizer.bos_token_id)
-  text_config.setdefault("pad_token_id", tokenizer.pad_token_id)
-  text_encoder = FlaxCLIPTextModel(
-    CLIPTextConfig(**text_config), seed=int(jax.random.randint(text_key, (), 0, 2**31 - 1))
+  text_config = dict(
+    text_config,
+    vocab_size=len(tokenizer),
+    max_position_embeddings=tokenizer.model_max_length,
+    eos_token_id=tokenizer.eos_token_id,
   )
-  scheduler = FlaxDDIMScheduler(**(schedule_config or SD_V1_SCHEDULER))
-  model = DiffusionModel(
-    unet=unet,
-    vae=vae,
-    text_encoder=text_encoder,
-    tokenizer=tokenizer,
-    schedule=_schedule_from_scheduler(scheduler),
-    path="",
-  )
-  params = {
-    "unet": unet.init_weights(unet_key),
-    "vae": vae.init_weights(vae_key),
-    "text_encoder": text_encoder.params,
+  configs = {
+    "unet": dict(unet_config),
+    "vae": dict(vae_config),
+    "text_encoder": text_config,
+    "scheduler": dict(schedule_config or SD_V1_SCHEDULER),
   }
-  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), jax.tree.map(np.asarray, _unfreeze(params)))
-  return model, params
+  model = build_modules(configs, dtype, tokenizer=tokenizer)
+  params = {
+    "unet": unet_lib.init_params(model.unet, unet_key),
+    "vae": vae_lib.init_params(model.vae, vae_key),
+    "text_encoder": model.text_encoder.init(text_key, jnp.zeros((1, model.max_prompt_tokens), jnp.int32))["params"],
+  }
+  return model, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
 def with_vae_scaling_factor(model: DiffusionModel, scaling_factor: float) -> DiffusionModel:
   """The same model with the VAE config's latent scaling factor replaced."""
-  from diffusers import FlaxAutoencoderKL
+  config = dataclasses.replace(model.vae.config, scaling_factor=float(scaling_factor))
+  return dataclasses.replace(model, vae=model.vae.clone(config=config))
 
-  config = {k: v for k, v in model.vae.config.items() if not k.startswith("_")}
-  config["scaling_factor"] = float(scaling_factor)
-  config["dtype"] = model.vae.dtype
-  return dataclasses.replace(model, vae=FlaxAutoencoderKL(**config))
+
+def with_attention(model: DiffusionModel, implementation: str, block_mb: float = 0.0) -> DiffusionModel:
+  """The same model whose UNet and VAE attention is `implementation` (`attention.IMPLEMENTATIONS`,
+  resolved: not "auto"); "blocked" runs in blocks of `block_mb` MB of float32 scores (0: one block).
+  The text encoder keeps the XLA attention (its causal mask; 77 tokens)."""
+  block_bytes = int(float(block_mb) * 2**20)
+  fn = attention_lib.make_attention(implementation, block_bytes)
+  return dataclasses.replace(
+    model,
+    unet=model.unet.clone(attention_fn=fn),
+    vae=model.vae.clone(attention_fn=fn),
+    attention=implementation,
+    attention_block_bytes=block_bytes,
+  )
 
 
 def with_attention_block(model: DiffusionModel, block_mb: float) -> DiffusionModel:
-  """The same model whose UNet attention runs in blocks of `block_mb` MB of scores (0: diffusers' layers)."""
-  return dataclasses.replace(model, attention_block_bytes=int(float(block_mb) * 2**20))
-
-
-def _unfreeze(tree):
-  from flax.core import unfreeze
-
-  return unfreeze(tree)
+  """The same model with blocked attention of `block_mb` MB blocks, or XLA's when block_mb is 0."""
+  return with_attention(model, "blocked" if float(block_mb) else "xla", block_mb)
 
 
 # ----------------------------------------------------------------------------
@@ -350,81 +509,12 @@ def _unfreeze(tree):
 
 def tokenize(model: DiffusionModel, prompts: list[str]) -> np.ndarray:
   """Token ids int32 [B, max_prompt_tokens], padded and truncated like SD."""
-  tokens = model.tokenizer(
-    list(prompts), padding="max_length", max_length=model.max_prompt_tokens, truncation=True, return_tensors="np"
-  )
-  return tokens.input_ids.astype(np.int32)
+  return np.asarray(model.tokenizer(list(prompts)), np.int32)
 
 
 def encode_prompts(model: DiffusionModel, text_params: Params, token_ids: jax.Array) -> jax.Array:
   """CLIP text embeddings [B, L, D] (the last hidden state, as SD uses)."""
-  position_ids = jnp.broadcast_to(jnp.arange(token_ids.shape[-1]), token_ids.shape)
-  attention_mask = jnp.ones_like(token_ids)
-  outputs = model.text_encoder.module.apply(
-    {"params": text_params}, token_ids, attention_mask, position_ids, deterministic=True
-  )
-  return outputs[0]
-
-
-# The UNet's blocks, by their names in diffusers' UNet module.
-_UNET_BLOCKS = (
-  "FlaxCrossAttnDownBlock2D",
-  "FlaxDownBlock2D",
-  "FlaxUNetMidBlock2DCrossAttn",
-  "FlaxCrossAttnUpBlock2D",
-  "FlaxUpBlock2D",
-)
-_remat_lock = threading.RLock()  # re-entrant: the attention and remat patches nest
-
-
-@contextlib.contextmanager
-def _rematerialised_unet_blocks():
-  """While active, UNets set up (at apply time) wrap each block in nn.remat.
-
-  diffusers' UNet has no remat option; its setup builds the blocks by their
-  module-level names, so those names are swapped for remat'd classes. The
-  params' tree is unchanged (tested) and so are the outputs and gradients;
-  the backward pass recomputes each block's activations instead of keeping them.
-  """
-  from diffusers.models.unets import unet_2d_condition_flax as unet_module
-  import flax.linen as nn
-
-  with _remat_lock:
-    originals = {name: getattr(unet_module, name) for name in _UNET_BLOCKS}
-    try:
-      for name, block in originals.items():
-        setattr(unet_module, name, nn.remat(block))
-      yield
-    finally:
-      for name, block in originals.items():
-        setattr(unet_module, name, block)
-
-
-@contextlib.contextmanager
-def _blocked_attention_modules(block_bytes: int):
-  """While active, UNets set up (at apply time) use `blocked_attention` in
-  their attention layers: the same params (the subclass keeps diffusers'
-  setup: to_q, to_k, to_v, to_out_0) and outputs equal within float rounding."""
-  from diffusers.models import attention_flax
-
-  original = attention_flax.FlaxAttention
-
-  class BlockedAttention(original):
-    def __call__(self, hidden_states, context=None, deterministic=True):
-      context = hidden_states if context is None else context
-      split = lambda x: x.reshape(x.shape[:2] + (self.heads, self.dim_head))
-      out = attention.blocked_attention(
-        split(self.query(hidden_states)), split(self.key(context)), split(self.value(context)), self.scale, block_bytes
-      )
-      out = self.proj_attn(out.reshape(out.shape[:2] + (-1,)))
-      return self.dropout_layer(out, deterministic=deterministic)
-
-  with _remat_lock:
-    attention_flax.FlaxAttention = BlockedAttention
-    try:
-      yield
-    finally:
-      attention_flax.FlaxAttention = original
+  return model.text_encoder.apply({"params": text_params}, token_ids).last_hidden_state
 
 
 def predict_noise(
@@ -440,19 +530,15 @@ def predict_noise(
   remat: rematerialise each UNet block in the backward pass (less memory,
   about one more forward pass of compute).
   """
-  apply = lambda: model.unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), context).sample
-  with contextlib.ExitStack() as stack:
-    block_bytes = model.attention_block_bytes
-    if block_bytes and not getattr(model.unet, "use_memory_efficient_attention", False):
-      stack.enter_context(_blocked_attention_modules(block_bytes))
-    if remat:
-      stack.enter_context(_rematerialised_unet_blocks())
-    return apply()
+  unet = model.unet.clone(remat=True) if remat and not model.unet.remat else model.unet
+  return unet.apply({"params": unet_params}, latents, jnp.asarray(timesteps), context)
 
 
 def decode_latents(model: DiffusionModel, vae_params: Params, latents: jax.Array) -> jax.Array:
   """Scaled latents [B, C, h, w] to images [B, H, W, 3] in [0, 1], float32."""
-  images = model.vae.apply({"params": vae_params}, latents / model.vae_scaling_factor, method=model.vae.decode).sample
+  config = model.vae.config
+  unscaled = latents / config.scaling_factor + (config.shift_factor or 0.0)
+  images = model.vae.apply({"params": vae_params}, unscaled, method="decode")
   return jnp.clip(jnp.transpose(images, (0, 2, 3, 1)).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
@@ -461,8 +547,39 @@ def encode_images(model: DiffusionModel, vae_params: Params, images: jax.Array, 
 
   With a key the posterior is sampled, else its mode is taken.
   """
-  posterior = model.vae.apply(
-    {"params": vae_params}, jnp.transpose(images, (0, 3, 1, 2)), method=model.vae.encode
-  ).latent_dist
+  posterior = model.vae.apply({"params": vae_params}, jnp.transpose(images, (0, 3, 1, 2)), method="encode")
   latents = posterior.mode() if key is None else posterior.sample(key)
-  return jnp.transpose(latents, (0, 3, 1, 2)) * model.vae_scaling_factor
+  config = model.vae.config
+  return (latents - (config.shift_factor or 0.0)) * config.scaling_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInTokenizer:
+  """The part of a CLIP tokenizer's interface that `tokenize` uses, without a
+  vocabulary (an abstract model's, `architectures.abstract_model`): it tokenizes
+  the empty prompt only (the negative prompt of classifier-free guidance) as CLIP
+  does: <|startoftext|> <|endoftext|>, then padding.
+  """
+
+  model_max_length: int
+  vocab_size: int
+  bos_token_id: int
+  eos_token_id: int
+  pad_token_id: int
+
+  def __len__(self) -> int:
+    return self.vocab_size
+
+  def __call__(self, prompts) -> np.ndarray:
+    """Token ids int32 [B, model_max_length] of empty prompts; raises for any other prompt."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if any(prompts):
+      raise ValueError(
+        "the stand-in tokenizer of an abstract model has no vocabulary and tokenizes only the empty prompt; "
+        "load the model with models.load to tokenize text."
+      )
+    ids = np.full((len(prompts), self.model_max_length), self.pad_token_id, np.int32)
+    ids[:, 0] = self.bos_token_id
+    if self.model_max_length > 1:
+      ids[:, 1] = self.eos_token_id
+    return ids

@@ -1,4 +1,4 @@
-"""PyTorch weights as NumPy, without torch: `*.safetensors` only, never unpickling.
+"""PyTorch weights as NumPy, without torch: `*.safetensors` only, never unpickling; both ways.
 
 diffusers and transformers save a module's weights as `diffusion_pytorch_model.safetensors`
 or `model.safetensors` (large ones sharded, with a `*.safetensors.index.json`). This module
@@ -75,6 +75,38 @@ def linear_kernel(weight: np.ndarray) -> np.ndarray:
 def conv_kernel(weight: np.ndarray) -> np.ndarray:
   """PyTorch Conv2d weight [out, in, kh, kw] -> Flax Conv kernel [kh, kw, in, out]."""
   return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
+
+
+def pytorch_tensor(leaf: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+  """A Flax param's leaf name and array -> PyTorch's ("weight" or "bias", tensor): the inverse of the
+  conversions above (Dense kernels transposed, Conv kernels to [out, in, kh, kw], scales and embeddings
+  as weights)."""
+  array = np.asarray(array, np.float32)
+  if leaf == "kernel" and array.ndim == 2:
+    return "weight", np.ascontiguousarray(array.T)
+  if leaf == "kernel" and array.ndim == 4:
+    return "weight", np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+  if leaf in ("scale", "embedding"):
+    return "weight", array
+  return leaf, array
+
+
+def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  """{"a": {"b": x}} -> {("a", "b"): x}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, prefix + (str(key),)))
+    else:
+      flat[prefix + (str(key),)] = value
+  return flat
+
+
+def write_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
+  """Writes {PyTorch name: array} as one safetensors file that torch, diffusers and transformers load."""
+  from safetensors.numpy import save_file
+
+  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path, metadata={"format": "pt"})
 
 
 def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:

@@ -151,7 +151,8 @@ class UNetConfig:
       raise ValueError(f"unsupported UNet config options: {', '.join(unsupported)}")
     names = {f.name for f in dataclasses.fields(cls)} - {"flax_numerics"}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
-    return cls(**values, flax_numerics=str(config.get("_class_name", "")).startswith("Flax"))
+    flax_numerics = str(config.get("_class_name", "")).startswith("Flax") or bool(config.get("_flax_numerics"))
+    return cls(**values, flax_numerics=flax_numerics)
 
   def _per_block(self, value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * len(self.block_out_channels)
@@ -452,6 +453,36 @@ def unet_params_from_pytorch(state_dict: dict[str, np.ndarray], config: UNetConf
   """diffusers UNet2DConditionModel weights {"conv_in.weight": array, ...} -> our UNet's params."""
   expected = param_shapes(UNet(config), example_inputs(config))
   return flax_params_from_pytorch(state_dict, expected, "UNet")
+
+
+# Module names of ours that end in "_<digit>" without being an index of PyTorch's (TimestepEmbedding's).
+_NAMES_WITH_DIGITS = ("linear_1", "linear_2")
+
+
+def pytorch_name(path: tuple[str, ...], leaf: str, renames: dict[str, str] | None = None) -> str:
+  """The inverse of `flax_path`: ("down_blocks_0", "attentions_1", "proj_in"), "weight" ->
+  "down_blocks.0.attentions.1.proj_in.weight"; `renames` maps our module names back."""
+  parts = []
+  for name in path:
+    name = (renames or {}).get(name, name)
+    base, _, index = name.rpartition("_")
+    parts += [base, index] if index.isdigit() and base and name not in _NAMES_WITH_DIGITS else [name]
+  return ".".join(parts + [leaf])
+
+
+def flax_params_to_pytorch(params: Params, renames: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+  """Our UNet's or VAE's params -> diffusers' PyTorch state dict (float32 NumPy), the inverse of
+  `flax_params_from_pytorch`."""
+  state_dict = {}
+  for path, array in pytorch_weights.flatten(params).items():
+    leaf, tensor = pytorch_weights.pytorch_tensor(path[-1], np.asarray(array))
+    state_dict[pytorch_name(path[:-1], leaf, renames)] = tensor
+  return state_dict
+
+
+def unet_params_to_pytorch(params: Params) -> dict[str, np.ndarray]:
+  """Our UNet's params -> diffusers UNet2DConditionModel's state dict."""
+  return flax_params_to_pytorch(params)
 
 
 def read_config(folder: str) -> dict:

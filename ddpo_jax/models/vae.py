@@ -36,6 +36,7 @@ from ddpo_jax.models.layers import conv1x1
 from ddpo_jax.models.layers import conv3x3
 from ddpo_jax.models.layers import dot_product_attention
 from ddpo_jax.models.unet import flax_params_from_pytorch
+from ddpo_jax.models.unet import flax_params_to_pytorch
 from ddpo_jax.models.unet import param_shapes
 from ddpo_jax.models.unet import read_config
 
@@ -105,6 +106,10 @@ class DiagonalGaussian:
 
   def mode(self) -> jax.Array:
     return self.mean
+
+  def kl(self) -> jax.Array:
+    """KL divergence to the standard normal per example [B], summed over C, h, w (as diffusers')."""
+    return 0.5 * jnp.sum(jnp.square(self.mean) + jnp.exp(self.logvar) - 1.0 - self.logvar, axis=(1, 2, 3))
 
 
 class _MidBlock(nn.Module):
@@ -251,6 +256,11 @@ def vae_params_from_pytorch(state_dict: dict[str, np.ndarray], config: VAEConfig
   """diffusers AutoencoderKL weights {"encoder.conv_in.weight": array, ...} -> our AutoencoderKL's params."""
   expected = param_shapes(AutoencoderKL(config), example_inputs(config))
   return flax_params_from_pytorch(state_dict, expected, "VAE", renames=_ATTENTION_RENAMES)
+
+
+def vae_params_to_pytorch(params: Params) -> dict[str, np.ndarray]:
+  """Our AutoencoderKL's params -> diffusers AutoencoderKL's state dict."""
+  return flax_params_to_pytorch(params, renames={v: k for k, v in _ATTENTION_RENAMES.items()})
 
 
 def load_vae(

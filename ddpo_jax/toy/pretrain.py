@@ -52,9 +52,9 @@ def to_unit_range(images: np.ndarray) -> np.ndarray:
 
 def vae_loss(model, vae_params, images, key, kl_weight=1e-6):
   inputs = jnp.transpose(images, (0, 3, 1, 2))
-  posterior = model.vae.apply({"params": vae_params}, inputs, method=model.vae.encode).latent_dist
+  posterior = model.vae.apply({"params": vae_params}, inputs, method="encode")
   latents = posterior.sample(key)
-  recon = model.vae.apply({"params": vae_params}, latents, method=model.vae.decode).sample
+  recon = model.vae.apply({"params": vae_params}, latents, method="decode")
   error = recon - inputs
   kl = posterior.kl().mean()
   loss = jnp.abs(error).mean() + jnp.square(error).mean() + kl_weight * kl
