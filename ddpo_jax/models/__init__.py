@@ -3,7 +3,8 @@
 diffusion.py      `DiffusionModel`, loading and saving in diffusers' layout, and the
                   functions the rest of ddpo_jax calls (tokenize, encode_prompts,
                   predict_noise, decode_latents, encode_images); re-exported here.
-attention.py      the blocked attention with a written-out backward pass.
+attention.py      attention chosen by name (make_attention, resolve): the plain reference,
+                  the blocked CPU one with a written-out backward, cuDNN's, TPU flash.
 architectures.py  the modules of a model without its weights (memory planning).
 clip.py           the CLIP vision tower with projection (the aesthetic reward's).
 """
