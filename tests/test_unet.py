@@ -1,6 +1,5 @@
 """Our UNet (ddpo_jax/models/unet.py) against diffusers' PyTorch UNet2DConditionModel and Flax class."""
 
-import functools
 import json
 import os
 
@@ -11,7 +10,7 @@ import pytest
 
 from ddpo_jax.models import pytorch_weights
 from ddpo_jax.models import unet
-from ddpo_jax.models.attention import blocked_attention
+from ddpo_jax.models.attention import make_attention
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -112,8 +111,7 @@ def test_matches_pytorch_forward(saved_unet):
 @pytest.mark.parametrize("saved_unet", ["sdxl"], indirect=True)
 def test_param_gradients_match_pytorch(saved_unet):
   name, model, folder = saved_unet
-  attention_fn = functools.partial(blocked_attention, block_bytes=1024)
-  module, params = unet.load_unet(folder, attention_fn=attention_fn, remat=True)
+  module, params = unet.load_unet(folder, attention_fn=make_attention("blocked", 1024), remat=True)
   inputs = tiny_inputs(module.config)
   weights = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
   model.zero_grad()

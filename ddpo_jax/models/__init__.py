@@ -7,7 +7,7 @@ unet.py, vae.py     SD's UNet2DConditionModel and AutoencoderKL in Flax (layers.
 clip_towers.py      CLIP's text encoders and vision tower in Flax.
 tokenizer.py        CLIP's BPE tokenizer (the `tokenizers` library).
 pytorch_weights.py  PyTorch safetensors <-> NumPy, without torch.
-attention.py        the attention implementations, chosen by config.model.attention.
+attention.py        attention by name (make_attention, resolve): xla, blocked (CPU), cudnn, flash (TPU).
 architectures.py    the modules of a model without its weights (memory planning).
 clip.py             loading the CLIP vision tower of CLIP-based rewards.
 """

@@ -17,7 +17,9 @@ only (`pytorch_weights`); pickled weights are refused.
 Attention is a constructor field, `attention_fn(query, key, value, mask=, scale=)`
 with query [B, T, H, Dh], key and value [B, S, H, Dh], mask a boolean array
 broadcastable to [B, H, T, S] (True: attend) or None, returning [B, T, H, Dh]:
-the calling convention of `jax.nn.dot_product_attention`, which can be passed as is.
+the calling convention of `attention.make_attention`'s functions and of
+`jax.nn.dot_product_attention`, which can be passed as is. The default is
+`attention.dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax.models import pytorch_weights
+from ddpo_jax.models.attention import AttentionFn
+from ddpo_jax.models.attention import dot_product_attention
 
 Params = dict[str, Any]
-AttentionFn = Callable[..., jax.Array]
 
 # transformers' ACT2FN names of the activations CLIP checkpoints use.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -47,23 +50,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
   "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
   "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
 }
-
-
-def dot_product_attention(
-  query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None = None, scale: float | None = None
-) -> jax.Array:
-  """softmax(q kᵀ · scale) v [B, T, H, Dh] from query [B, T, H, Dh], key and value [B, S, H, Dh].
-
-  mask: boolean, broadcastable to [B, H, T, S], True where a query attends to a
-  key; None attends everywhere. scale: 1/√Dh when None. The scores and the
-  softmax are float32 whatever the inputs' dtype.
-  """
-  scale = query.shape[-1] ** -0.5 if scale is None else scale
-  scores = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("bhts,bshd->bthd", weights.astype(value.dtype), value)
 
 
 def _clip_sub_config(config: dict, tower: str) -> dict:

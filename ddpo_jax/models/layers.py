@@ -6,28 +6,22 @@ those of diffusers' (deprecated) Flax classes: "resnets_0/conv1/kernel",
 takes `dtype`, the compute dtype; params are float32, norms' statistics and the
 softmax are computed in float32.
 
-Attention is a field, `attention_fn(q, k, v, scale) -> out` with q [B, T, H, D] and
-k, v [B, S, H, D] -> [B, T, H, D] (the layout of `attention.blocked_attention`,
-which takes `block_bytes` as a fifth argument: bind it with functools.partial).
+Attention is a field, `attention_fn(q, k, v, mask=None, scale=None) -> out` with
+q [B, T, H, D] and k, v [B, S, H, D] -> [B, T, H, D], called with `scale=` only:
+`attention.make_attention(name)` gives each implementation in that convention
+(default: the plain `attention.dot_product_attention`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, float], jax.Array]
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-  """softmax(q kᵀ · scale) v: q [B, T, H, D], k, v [B, S, H, D] -> [B, T, H, D] in q's dtype."""
-  scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
-  weights = jax.nn.softmax(scores, axis=-1)
-  return jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v).astype(q.dtype)
+from ddpo_jax.models.attention import AttentionFn
+from ddpo_jax.models.attention import dot_product_attention
 
 
 def timestep_embedding(
@@ -141,7 +135,7 @@ class Attention(nn.Module):
     q = split(nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x))
     k = split(nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context))
     v = split(nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context))
-    out = self.attention_fn(q, k, v, self.head_dim**-0.5)
+    out = self.attention_fn(q, k, v, scale=self.head_dim**-0.5)
     out = out.reshape(out.shape[0], out.shape[1], inner)
     return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
 
@@ -255,6 +249,6 @@ class VAEAttentionBlock(nn.Module):
     h = nn.GroupNorm(self.norm_groups, epsilon=1e-6, dtype=self.dtype, name="group_norm")(x)
     h = h.reshape(batch, height * width, 1, channels)
     q, k, v = (nn.Dense(channels, dtype=self.dtype, name=name)(h) for name in ("query", "key", "value"))
-    out = self.attention_fn(q, k, v, channels**-0.5).reshape(batch, height * width, channels)
+    out = self.attention_fn(q, k, v, scale=channels**-0.5).reshape(batch, height * width, channels)
     out = nn.Dense(channels, dtype=self.dtype, name="proj_attn")(out)
     return (out.reshape(batch, height, width, channels) + x).astype(self.dtype)

@@ -33,14 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax.models import pytorch_weights
-from ddpo_jax.models.layers import AttentionFn
+from ddpo_jax.models.attention import AttentionFn
+from ddpo_jax.models.attention import dot_product_attention
 from ddpo_jax.models.layers import Downsample2D
 from ddpo_jax.models.layers import ResnetBlock2D
 from ddpo_jax.models.layers import TimestepEmbedding
 from ddpo_jax.models.layers import Transformer2DModel
 from ddpo_jax.models.layers import Upsample2D
 from ddpo_jax.models.layers import conv3x3
-from ddpo_jax.models.layers import dot_product_attention
 from ddpo_jax.models.layers import timestep_embedding
 
 Params = dict[str, Any]

@@ -27,14 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax.models import pytorch_weights
-from ddpo_jax.models.layers import AttentionFn
+from ddpo_jax.models.attention import AttentionFn
+from ddpo_jax.models.attention import dot_product_attention
 from ddpo_jax.models.layers import Downsample2D
 from ddpo_jax.models.layers import ResnetBlock2D
 from ddpo_jax.models.layers import Upsample2D
 from ddpo_jax.models.layers import VAEAttentionBlock
 from ddpo_jax.models.layers import conv1x1
 from ddpo_jax.models.layers import conv3x3
-from ddpo_jax.models.layers import dot_product_attention
 from ddpo_jax.models.unet import flax_params_from_pytorch
 from ddpo_jax.models.unet import flax_params_to_pytorch
 from ddpo_jax.models.unet import param_shapes
