@@ -340,7 +340,7 @@ def configure(
   Raises ValueError naming config.lora.targets when LoRA targets match nothing.
   """
   config = config_utils.resolve_auto(config, jax.default_backend())
-  model = models.with_attention(model, config.model.attention, float(config.model.attention_block_mb))
+  model = models.with_attention(model, config.model.attention, float(config.model.attention_block_mb), mesh)
   settings = update_settings(config)
   optimizer = train_state.make_optimizer(config.train)
   return config, model, train_state.layout(config, unet_shapes, mesh, settings.adapter, optimizer, settings.needs_base)

@@ -371,8 +371,8 @@ def make_plan(config, devices):
 
   config = config_utils.resolve_auto(config, jax.default_backend())
   model, params = abstract_model(config.model.name, config.model.dtype)
-  model = models.with_attention(model, config.model.attention, float(config.model.attention_block_mb))
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  model = models.with_attention(model, config.model.attention, float(config.model.attention_block_mb), mesh)
   settings = steps.update_settings(config)
   optimizer = train_state.make_optimizer(config.train)
   layout = train_state.layout(config, params["unet"], mesh, settings.adapter, optimizer, settings.needs_base)

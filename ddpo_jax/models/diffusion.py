@@ -482,12 +482,15 @@ def with_vae_scaling_factor(model: DiffusionModel, scaling_factor: float) -> Dif
   return dataclasses.replace(model, vae=model.vae.clone(config=config))
 
 
-def with_attention(model: DiffusionModel, implementation: str, block_mb: float = 0.0) -> DiffusionModel:
+def with_attention(
+  model: DiffusionModel, implementation: str, block_mb: float = 0.0, mesh: jax.sharding.Mesh | None = None
+) -> DiffusionModel:
   """The same model whose UNet and VAE attention is `implementation` (`attention.IMPLEMENTATIONS`,
-  resolved: not "auto"); "blocked" runs in blocks of `block_mb` MB of float32 scores (0: one block).
-  The text encoder keeps the XLA attention (its causal mask; 77 tokens)."""
+  resolved: not "auto"); "blocked" runs in blocks of `block_mb` MB of float32 scores (0: one block);
+  "flash" runs per device of `mesh` (Pallas kernels are not partitioned automatically). The text
+  encoder keeps the XLA attention (its causal mask; 77 tokens)."""
   block_bytes = int(float(block_mb) * 2**20)
-  fn = attention_lib.make_attention(implementation, block_bytes)
+  fn = attention_lib.make_attention(implementation, block_bytes, mesh)
   return dataclasses.replace(
     model,
     unet=model.unet.clone(attention_fn=fn),
