@@ -24,6 +24,7 @@ import numpy as np
 
 from ddpo_jax.models import attention as attention_lib
 from ddpo_jax.models import clip_towers
+from ddpo_jax.models import partitioning
 from ddpo_jax.models import pytorch_weights
 from ddpo_jax.models import tokenizer as tokenizer_lib
 from ddpo_jax.models import unet as unet_lib
@@ -487,13 +488,18 @@ def with_attention(
 ) -> DiffusionModel:
   """The same model whose UNet and VAE attention is `implementation` (`attention.IMPLEMENTATIONS`,
   resolved: not "auto"); "blocked" runs in blocks of `block_mb` MB of float32 scores (0: one block);
-  "flash" runs per device of `mesh` (Pallas kernels are not partitioned automatically). The text
-  encoder keeps the XLA attention (its causal mask; 77 tokens)."""
+  "flash" runs per device of `mesh` (Pallas kernels are not partitioned automatically). On a
+  mesh of several devices the UNet's activations are also constrained to their rows
+  (`partitioning`), so that fsdp-sharded params do not make a device compute the whole batch.
+  The text encoder keeps the XLA attention (its causal mask; 77 tokens)."""
   block_bytes = int(float(block_mb) * 2**20)
   fn = attention_lib.make_attention(implementation, block_bytes, mesh)
+  unet_fn, constrain = fn, None
+  if mesh is not None and mesh.size > 1:
+    unet_fn, constrain = partitioning.constrained_attention(fn, mesh), partitioning.batch_constraint(mesh)
   return dataclasses.replace(
     model,
-    unet=model.unet.clone(attention_fn=fn),
+    unet=model.unet.clone(attention_fn=unet_fn, constrain=constrain),
     vae=model.vae.clone(attention_fn=fn),
     attention=implementation,
     attention_block_bytes=block_bytes,

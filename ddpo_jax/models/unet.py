@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 from typing import Any
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -293,12 +294,16 @@ class UNet(nn.Module):
 
   `dtype` is the compute dtype (params stay float32); `remat` rematerialises each down,
   mid and up block in the backward pass (nn.remat), trading compute for activation memory.
+  `constrain` (x [B, ...] -> x, e.g. `partitioning.batch_constraint(mesh)`) is applied to the
+  feature maps between blocks and to the time embedding, so that under a mesh whose params are
+  sharded (fsdp) every device still computes on its own rows of the batch.
   """
 
   config: UNetConfig
   attention_fn: AttentionFn = dot_product_attention
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  constrain: Callable[[jax.Array], jax.Array] | None = None
 
   @nn.compact
   def __call__(
@@ -311,6 +316,7 @@ class UNet(nn.Module):
   ) -> jax.Array:
     config = self.config
     wrap = nn.remat if self.remat else (lambda block: block)
+    constrain = self.constrain or (lambda x: x)
     batch = sample.shape[0]
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
     context = encoder_hidden_states.astype(self.dtype)
@@ -328,8 +334,9 @@ class UNet(nn.Module):
       added = jnp.concatenate([text_embeds.astype(jnp.float32), time_id_features], axis=-1).astype(self.dtype)
       temb = temb + TimestepEmbedding(config.time_embed_dim, self.dtype, name="add_embedding")(added)
 
-    x = jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype)
-    x = conv3x3(config.block_out_channels[0], self.dtype, "conv_in")(x)
+    temb = constrain(temb)
+    x = constrain(jnp.transpose(sample, (0, 2, 3, 1)).astype(self.dtype))
+    x = constrain(conv3x3(config.block_out_channels[0], self.dtype, "conv_in")(x))
 
     skips = (x,)
     last = len(config.block_out_channels) - 1
@@ -346,6 +353,7 @@ class UNet(nn.Module):
         name=f"down_blocks_{i}",
       )
       x, block_skips = block(x, temb, context) if with_attention else block(x, temb)
+      x, block_skips = constrain(x), tuple(constrain(s) for s in block_skips)
       skips += block_skips
 
     if config.mid_block_type is not None:
@@ -357,6 +365,7 @@ class UNet(nn.Module):
         self.dtype,
         name="mid_block",
       )(x, temb, context)
+      x = constrain(x)
 
     per_up_block = config.layers_per_block + 1
     reversed_channels = tuple(reversed(config.block_out_channels))
@@ -373,7 +382,7 @@ class UNet(nn.Module):
         dtype=self.dtype,
         name=f"up_blocks_{i}",
       )
-      x = block(x, block_skips, temb, context) if with_attention else block(x, block_skips, temb)
+      x = constrain(block(x, block_skips, temb, context) if with_attention else block(x, block_skips, temb))
 
     x = nn.GroupNorm(config.norm_num_groups, epsilon=config.norm_eps, dtype=self.dtype, name="conv_norm_out")(x)
     x = conv3x3(config.out_channels, self.dtype, "conv_out")(nn.silu(x))
