@@ -29,7 +29,10 @@ from ddpo_jax import ddim
 
 def _load(torch_module, state_dict: dict[str, np.ndarray]) -> None:
   """Copies a PyTorch-named state dict (our params, converted by ddpo_jax.models) into `torch_module`, strictly."""
-  torch_module.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state_dict.items()})
+  names = set(torch_module.state_dict())
+  # transformers 5's CLIPTextModel names its weights without the "text_model." prefix that checkpoints carry.
+  strip = lambda k: k if k in names or not k.startswith("text_model.") else k[len("text_model.") :]
+  torch_module.load_state_dict({strip(k): torch.from_numpy(np.asarray(v, np.float32)) for k, v in state_dict.items()})
 
 
 def _flax_numerics(unet) -> None:

@@ -111,6 +111,8 @@ PRESETS["test"] = dataclasses.replace(
   reference_minibatch=2,
 )
 PROMPT_TOKENS = 16
+
+
 def _torch_available() -> bool:
   try:
     import torch  # noqa: F401

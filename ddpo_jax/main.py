@@ -10,7 +10,6 @@ same command again with the same --workdir resumes from its latest checkpoint.
 On a multi-host TPU slice every worker runs the same command.
 """
 
-import logging as std_logging
 import sys
 import warnings
 
@@ -44,34 +43,12 @@ def _quiet_orbax(record) -> bool:
   return record.levelno > logging.converter.STANDARD_INFO or "/orbax/" not in record.pathname
 
 
-# What third-party libraries print about their own deprecations, not about this run:
-# diffusers and transformers log one line per Flax module they build (hundreds per run).
-_THIRD_PARTY_DEPRECATIONS = ("classes are deprecated and will be removed",)
-
-
-class _DropThirdPartyDeprecations(std_logging.Filter):
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return not any(text in record.getMessage() for text in _THIRD_PARTY_DEPRECATIONS)
-
-
 def quiet_third_party_deprecations() -> None:
-  """Filters the deprecation notices of diffusers, transformers and flax from the console, once at start-up."""
-  for module in ("diffusers", "transformers", "flax", "orbax", "jax"):
+  """Filters the Deprecation/FutureWarnings that flax, orbax and jax raise about their own APIs
+  (not about this run) from the console, once at start-up."""
+  for module in ("flax", "orbax", "jax"):
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-  drop = _DropThirdPartyDeprecations()
-  for name in ("diffusers", "transformers"):
-    std_logging.getLogger(name).addFilter(drop)  # records logged to the library's root logger itself
-  for library in ("diffusers", "transformers"):
-    try:  # their own handlers see the records of every child logger
-      utils = __import__(f"{library}.utils.logging", fromlist=["get_logger"])
-    except ImportError:
-      continue
-    utils.get_logger()  # sets up the library's handler
-    for handler in std_logging.getLogger(library).handlers:
-      handler.addFilter(drop)
-  for handler in std_logging.getLogger().handlers:
-    handler.addFilter(drop)
 
 
 def resolve_config_argument(argv: list[str]) -> list[str]:

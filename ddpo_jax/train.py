@@ -67,9 +67,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     prompts_lib.get(config.prompt.name, **config.prompt.kwargs.to_dict()), config.sample.group_size
   )
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  model, params = models.load(
-    config.model.name, revision=config.model.revision or None, dtype=config.model.dtype
-  )
+  model, params = models.load(config.model.name, revision=config.model.revision or None, dtype=config.model.dtype)
   try:
     config, model, layout = steps_lib.configure(config, model, params["unet"], mesh)
   except ValueError as e:  # LoRA targets that match nothing: name the setting

@@ -1,7 +1,6 @@
-"""Our UNet (ddpo_jax/models/unet.py) against diffusers' PyTorch UNet2DConditionModel and Flax class."""
+"""Our UNet (ddpo_jax/models/unet.py) against diffusers' PyTorch UNet2DConditionModel.
 
-import json
-import os
+(The shipped toy model against diffusers' removed Flax class: tests/test_toy_flax_outputs.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +14,6 @@ from ddpo_jax.models.attention import make_attention
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-TOY_UNET = os.path.join(os.path.dirname(__file__), "..", "ddpo_jax", "toy", "model", "unet")
 
 _TINY = dict(
   sample_size=8,
@@ -135,33 +133,3 @@ def test_config_from_pytorch_json_and_refusals(saved_unet):
   with pytest.raises(ValueError, match="missing"):
     state = pytorch_weights.read_state_dict(folder)
     unet.unet_params_from_pytorch({k: v for k, v in state.items() if "conv_in" not in k}, config)
-
-
-@pytest.fixture(scope="module")
-def toy_flax_unet():
-  """diffusers' FlaxUNet2DConditionModel of the shipped toy model and its msgpack params."""
-  model, params = diffusers.FlaxUNet2DConditionModel.from_pretrained(TOY_UNET)
-  with open(os.path.join(TOY_UNET, "config.json")) as f:
-    return model, params, unet.UNetConfig.from_json(json.load(f))
-
-
-def test_toy_msgpack_has_our_param_paths_and_shapes(toy_flax_unet):
-  _, params, config = toy_flax_unet
-  assert config.flax_numerics
-  for remat, dtype in ((False, jnp.float32), (True, jnp.bfloat16)):
-    module = unet.UNet(config, dtype=dtype, remat=remat)
-    ours = unet.param_shapes(module, unet.example_inputs(config))
-    pytorch_weights.check_tree(ours, params, "toy UNet")
-    assert {leaf.dtype for leaf in jax.tree.leaves(ours)} == {jnp.dtype(jnp.float32)}
-
-
-def test_toy_output_equals_diffusers_flax(toy_flax_unet):
-  model, params, config = toy_flax_unet
-  inputs = tiny_inputs(config)
-  arguments = [jnp.asarray(inputs[k]) for k in ("sample", "timesteps", "encoder_hidden_states")]
-  expected = jax.jit(lambda p, *x: model.apply({"params": p}, *x).sample)(params, *arguments)
-  ours = unet.UNet(config)
-  got = jax.jit(lambda p, x: ours.apply({"params": p}, **x))(params, inputs)
-  error = relative_error(got, expected)
-  print(f"toy relative error against diffusers' Flax UNet {error:.2e}")
-  assert error < 1e-5

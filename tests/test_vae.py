@@ -1,9 +1,8 @@
-"""Our KL autoencoder (ddpo_jax/models/vae.py) against diffusers' PyTorch AutoencoderKL and Flax class."""
+"""Our KL autoencoder (ddpo_jax/models/vae.py) against diffusers' PyTorch AutoencoderKL.
 
-import os
+(The shipped toy model against diffusers' removed Flax class: tests/test_toy_flax_outputs.py.)"""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -14,7 +13,6 @@ from tests.test_unet import relative_error
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-TOY_VAE = os.path.join(os.path.dirname(__file__), "..", "ddpo_jax", "toy", "model", "vae")
 
 _TINY = dict(
   block_out_channels=(8, 16),
@@ -78,35 +76,3 @@ def test_converter_names_what_is_missing(saved_vae):
     vae.vae_params_from_pytorch(
       {k: v for k, v in state.items() if "decoder.mid_block.attentions.0.to_q" not in k}, config
     )
-
-
-@pytest.fixture(scope="module")
-def toy_flax_vae():
-  """diffusers' FlaxAutoencoderKL of the shipped toy model, its msgpack params and our config of it."""
-  model, params = diffusers.FlaxAutoencoderKL.from_pretrained(TOY_VAE)
-  return model, params, vae.VAEConfig.from_json(vae.read_config(TOY_VAE))
-
-
-def test_toy_msgpack_has_our_param_paths_and_shapes(toy_flax_vae):
-  _, params, config = toy_flax_vae
-  ours = vae.param_shapes(vae.AutoencoderKL(config, dtype=jnp.bfloat16), vae.example_inputs(config))
-  pytorch_weights.check_tree(ours, params, "toy VAE")
-  assert {leaf.dtype for leaf in jax.tree.leaves(ours)} == {jnp.dtype(jnp.float32)}
-
-
-def test_toy_encode_and_decode_equal_diffusers_flax(toy_flax_vae):
-  model, params, config = toy_flax_vae
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.uniform(-1, 1, (2, 3, 32, 32)), jnp.float32)
-  latents = jnp.asarray(rng.standard_normal((2, config.latent_channels, 8, 8)), jnp.float32)
-  ours = vae.AutoencoderKL(config)
-  posterior = ours.apply({"params": params}, images, method=ours.encode)
-  reference = model.apply({"params": params}, images, method=model.encode).latent_dist  # NHWC
-  decoded = ours.apply({"params": params}, latents, method=ours.decode)
-  errors = {
-    "mean": relative_error(posterior.mean, jnp.transpose(reference.mean, (0, 3, 1, 2))),
-    "logvar": relative_error(posterior.logvar, jnp.transpose(reference.logvar, (0, 3, 1, 2))),
-    "decode": relative_error(decoded, model.apply({"params": params}, latents, method=model.decode).sample),
-  }
-  print("toy relative errors against diffusers' Flax VAE " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
-  assert max(errors.values()) < 1e-5

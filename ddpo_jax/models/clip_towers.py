@@ -455,6 +455,9 @@ def text_params_from_pytorch(state_dict: dict[str, np.ndarray], config: TextConf
   is skipped); with "text_projection.weight" the tree has `text_projection`.
   Raises ValueError naming what is missing, unexpected or misshapen.
   """
+  # transformers 5 names a CLIPTextModel's weights without the "text_model." prefix (its other classes keep it).
+  unprefixed = ("embeddings.", "encoder.", "final_layer_norm.")
+  state_dict = {f"text_model.{k}" if k.startswith(unprefixed) else k: v for k, v in state_dict.items()}
   with_projection = "text_projection.weight" in state_dict
   expected = text_param_shapes(text_encoder(config, with_projection))
   prefixes = ("text_model.", "text_projection.") if with_projection else ("text_model.",)
