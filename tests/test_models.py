@@ -1,6 +1,7 @@
 """Model loading: the tests' tiny model goes through the same code path as SD."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -233,3 +234,47 @@ def test_attention_block_setting_is_resolved_per_attention():
   for bad in ("big", "-1", "inf"):
     with pytest.raises(ValueError, match="config.model.attention_block_mb"):
       config_utils.resolve_attention_block_mb(bad, "blocked")
+
+
+def test_hub_ids_download_configs_tokenizer_and_canonical_safetensors(tiny_model_dir, tmp_path, monkeypatch):
+  """Offline: snapshot_download replaced by a copy that honours allow_patterns (fnmatch, as huggingface_hub)."""
+  import fnmatch
+
+  import huggingface_hub
+
+  calls = []
+
+  def snapshot_download(repo_id, revision=None, allow_patterns=None):
+    calls.append((repo_id, revision, tuple(allow_patterns)))
+    target = tmp_path / "snapshot"
+    for root, _, files in os.walk(repo):
+      for name in files:
+        relative = os.path.relpath(os.path.join(root, name), repo)
+        if any(fnmatch.fnmatch(relative, p) for p in allow_patterns):
+          os.makedirs(target / os.path.dirname(relative), exist_ok=True)
+          shutil.copy(os.path.join(root, name), target / relative)
+    return str(target)
+
+  # The "repo" also holds an fp16 variant and a pickle, which are not fetched.
+  repo = str(tmp_path / "repo")
+  shutil.copytree(tiny_model_dir, repo)
+  for extra in ("unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.bin"):
+    shutil.copy(os.path.join(repo, "unet", "diffusion_pytorch_model.safetensors"), os.path.join(repo, extra))
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  model, params = models.load("someone/tiny-sd", revision="v1")
+  assert calls == [("someone/tiny-sd", "v1", models.diffusion.HUB_PATTERNS)]
+  assert sorted(os.listdir(tmp_path / "snapshot" / "unet")) == ["config.json", "diffusion_pytorch_model.safetensors"]
+  assert model.latent_size == 8 and set(params) == {"unet", "vae", "text_encoder"}
+  with pytest.raises(ValueError, match="config.model.revision"):
+    models.load(tiny_model_dir, revision="v1")
+
+
+def test_weight_variants_without_the_canonical_file_are_refused(tiny_loaded, tmp_path):
+  model, params = tiny_loaded
+  folder = str(tmp_path / "variants")
+  models.save(model, params, folder)
+  unet = os.path.join(folder, "unet")
+  os.rename(os.path.join(unet, "diffusion_pytorch_model.safetensors"), os.path.join(unet, "a.fp16.safetensors"))
+  shutil.copy(os.path.join(unet, "a.fp16.safetensors"), os.path.join(unet, "a.non_ema.safetensors"))
+  with pytest.raises(ValueError, match="several weight files.*diffusion_pytorch_model.safetensors"):
+    models.load(folder)

@@ -13,6 +13,7 @@ through exactly the same code path as Stable Diffusion.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -220,8 +221,9 @@ PYTORCH_WEIGHTS = {
   "vae": "diffusion_pytorch_model.safetensors",
   "text_encoder": "model.safetensors",
 }
-# What a download from the Hub fetches: configs, tokenizer files and one set of weights.
-_HUB_PATTERNS = (
+# What a download from the Hub fetches: configs, tokenizer files and the canonical safetensors weights
+# (not their fp16 or non-EMA variants, nor pickles); components without any get their Flax msgpack.
+HUB_PATTERNS = (
   "model_index.json",
   "*/*.json",
   "*/*.txt",
@@ -229,7 +231,6 @@ _HUB_PATTERNS = (
   "*/diffusion_pytorch_model-*.safetensors",
   "*/model.safetensors",
   "*/model-*.safetensors",
-  "*/*.msgpack",
 )
 # The diffusers version whose PyTorch classes read what `save` writes (tested).
 _DIFFUSERS_LAYOUT_VERSION = "0.42.1"
@@ -244,13 +245,21 @@ def local_folder(name: str, revision: str | None = None) -> str:
   """The local folder of a model: itself, the shipped toy model, or a Hub download.
 
   A Hugging Face id is fetched with huggingface_hub (configs, the tokenizer and
-  the safetensors weights only; cached, offline when HF_HUB_OFFLINE=1).
+  the canonical safetensors weights; a component without them gets its Flax
+  msgpack; cached, offline when HF_HUB_OFFLINE=1).
   """
   if is_local(name):
+    if revision:
+      raise ValueError(f"config.model.revision={revision!r} is for Hugging Face ids; {name!r} is a local folder.")
     return os.path.expanduser(resolve_path(name))
   from huggingface_hub import snapshot_download
 
-  return snapshot_download(name, revision=revision, allow_patterns=list(_HUB_PATTERNS))
+  path = snapshot_download(name, revision=revision, allow_patterns=list(HUB_PATTERNS))
+  has_weights = lambda c: glob.glob(os.path.join(path, c, "*.safetensors")) or not os.path.isdir(os.path.join(path, c))
+  without = [c for c in FLAX_WEIGHTS if not has_weights(c)]
+  if without:
+    path = snapshot_download(name, revision=revision, allow_patterns=[f"{c}/{FLAX_WEIGHTS[c]}" for c in without])
+  return path
 
 
 def _read_params(folder: str, component: str, from_pytorch, expected: Params) -> Params:

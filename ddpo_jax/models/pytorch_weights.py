@@ -31,20 +31,36 @@ class PickledWeightsError(ValueError):
   """A folder holds only pickled PyTorch weights."""
 
 
-def safetensors_files(folder: str) -> list[str]:
-  """The `*.safetensors` files of one module's folder (all shards of an index), sorted.
+# The weights' file names diffusers and transformers save (beside variants such as *.fp16.safetensors).
+CANONICAL_NAMES = ("diffusion_pytorch_model", "model")
 
-  Raises PickledWeightsError when the folder has only pickled weights, and
-  FileNotFoundError when it has no weights at all.
+
+def safetensors_files(folder: str) -> list[str]:
+  """The `*.safetensors` files of one module's folder: the canonical file, else all shards of its
+  index, else the folder's only safetensors file.
+
+  Raises PickledWeightsError when the folder has only pickled weights, FileNotFoundError
+  when it has no weights at all, and ValueError when it holds only several variants
+  (*.fp16.safetensors, *.non_ema.safetensors, ...) of which none is the canonical one.
   """
-  indexes = sorted(glob.glob(os.path.join(folder, "*.safetensors.index.json")))
-  if indexes:
-    with open(indexes[0]) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    return [os.path.join(folder, name) for name in shards]
+  for name in CANONICAL_NAMES:
+    if os.path.exists(os.path.join(folder, f"{name}.safetensors")):
+      return [os.path.join(folder, f"{name}.safetensors")]
+  for name in CANONICAL_NAMES:
+    index = os.path.join(folder, f"{name}.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      return [os.path.join(folder, shard) for shard in shards]
   files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-  if files:
+  if len(files) == 1:
     return files
+  if files:
+    names = ", ".join(os.path.basename(f) for f in files)
+    raise ValueError(
+      f"{folder} holds several weight files ({names}) and none named "
+      f"{' or '.join(n + '.safetensors' for n in CANONICAL_NAMES)}; keep (or rename to that) the one to load."
+    )
   pickled = sorted(p for p in os.listdir(folder) if p.endswith(PICKLE_SUFFIXES)) if os.path.isdir(folder) else []
   if pickled:
     raise PickledWeightsError(

@@ -1,19 +1,32 @@
 """CLIP's byte-level BPE tokenizer (Stable Diffusion's), without transformers.
 
-Built on Hugging Face's `tokenizers` with the pipeline of transformers'
-CLIPTokenizerFast (transformers.convert_slow_tokenizer.CLIPConverter): NFC,
-whitespace runs to one space and lower case; CLIP's regex split; byte-level
-symbols; BPE with the word-final suffix "</w>". It reads and writes the
-tokenizer/ folder of a diffusers model (vocab.json, merges.txt,
-tokenizer_config.json, special_tokens_map.json), and that folder still loads
-with transformers' CLIPTokenizer.
+Built on Hugging Face's `tokenizers` with the pipeline of transformers 5's
+CLIPTokenizer (transformers/models/clip/tokenization_clip.py): NFC, whitespace
+runs to one space and lower case; CLIP's regex split; GPT-2's byte-level split
+and symbols; BPE with the word-final suffix "</w>". It reads the tokenizer/
+folder of a diffusers model in either layout: vocab.json + merges.txt (Stable
+Diffusion's checkpoints on the Hub, transformers 4's save_pretrained) or
+tokenizer.json (transformers 5's save_pretrained, fast tokenizers), with
+tokenizer_config.json (and special_tokens_map.json when present). It writes
+both layouts, and that folder loads with transformers' CLIPTokenizer, 4 or 5.
 
-Where transformers' slow CLIPTokenizer (without ftfy) differs from its fast one,
-this follows the fast one: the slow one splits CJK ideographs into one word
-each (OpenAI's CLIP does not), deletes control and format characters (U+0000,
-U+FFFD, the U+200D of emoji sequences), deletes U+000B, U+000C and U+0085
-where the fast one sees whitespace, lower-cases a word-final "Σ" to "ς" (the
-fast one: "σ"), and ignores the `normalized` flag of special tokens.
+transformers 5 has a single CLIPTokenizer (4's slow, pure-Python one is gone;
+CLIPTokenizerFast is another name for it); this follows it. Where it differs
+from transformers 4's CLIPTokenizerFast, so does this:
+- every merge of merges.txt is read (4 stopped after CLIP's 48894);
+- a special token given as a plain string, with no flags declared for it in
+  added_tokens_decoder or tokenizer.json, is matched in the raw text only (4:
+  in the lower-cased text, but for the pad token); where eos, unk and pad share
+  a text, the last distinct value sets it, so SD v1's files (eos and unk
+  normalized, pad the string "<|endoftext|>", no added_tokens_decoder) match
+  <|endoftext|> in the raw text only: "<|ENDOFTEXT|>" in a prompt is text;
+- "<|startoftext|>" / "<|endoftext|>" text that is not matched as a special
+  token is cut into "<|", the word and "|>" even when more punctuation follows
+  (4: "|>>" stays one word).
+As 4's fast tokenizer did (and unlike 4's slow one without ftfy), CJK
+ideographs are not split into one word each, control and format characters
+are kept, U+000B, U+000C and U+0085 are whitespace, and a word-final "Σ"
+lower-cases to "σ".
 """
 
 from __future__ import annotations
@@ -26,16 +39,17 @@ from typing import Any
 
 import numpy as np
 import tokenizers
+from tokenizers import decoders
 from tokenizers import models as bpe_models
 from tokenizers import normalizers
 from tokenizers import pre_tokenizers
+from tokenizers import processors
 
-# OpenAI CLIP's word pattern; the fast tokenizer splits on it before BPE.
-_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+# transformers 5's split: OpenAI CLIP's word pattern, its special tokens first.
+# (ByteLevel's GPT-2 split then cuts those into "<|", the word and "|>"; it
+# changes no other word of this split.)
+_WORD_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _END_OF_WORD = "</w>"
-# transformers' CLIPTokenizer reads at most this many merges (CLIP's 49152
-# tokens less the 256 byte symbols and the 2 specials), ignoring the rest.
-_MAX_MERGES = 49152 - 256 - 2
 _MERGES_HEADER = "#version: 0.2\n"
 # The special tokens of the files, in the order transformers registers them.
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -45,6 +59,9 @@ _DEFAULT_SPECIALS = {
   "unk_token": "<|endoftext|>",
   "pad_token": "<|endoftext|>",
 }
+_FILES_NEEDED = (
+  "a CLIP tokenizer folder needs tokenizer_config.json, and either vocab.json and merges.txt or tokenizer.json"
+)
 
 TokenSpec = str | tokenizers.AddedToken
 
@@ -79,54 +96,113 @@ def _write_json(path: str, value: Any) -> None:
     f.write(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def _merge_pair(merge: Any, where: str) -> tuple[str, str]:
+  """A merge of merges.txt or tokenizer.json ("a b" or ["a", "b"]) as a pair."""
+  pair = tuple(merge.split()) if isinstance(merge, str) else tuple(merge) if isinstance(merge, list) else ()
+  if len(pair) != 2 or not all(isinstance(symbol, str) for symbol in pair):
+    raise ValueError(f"{where}: a merge is two symbols, got {merge!r}.")
+  return pair
+
+
 def _read_merges(path: str) -> list[tuple[str, str]]:
-  """The merges of merges.txt, as transformers' CLIPTokenizer reads them: the
-  first line is the version header, and only the first _MAX_MERGES count."""
+  """The merges of merges.txt, as transformers 5 (the `tokenizers` library)
+  reads them: every line but the "#version" header, each "left right"."""
   with open(path, encoding="utf-8") as f:
-    lines = f.read().strip().split("\n")[1 : _MAX_MERGES + 1]
-  merges = []
-  for number, line in enumerate(lines, start=2):
-    pair = tuple(line.split())
-    if len(pair) != 2:
-      raise ValueError(f"{path}, line {number}: a merge is two symbols separated by a space, got {line!r}.")
-    merges.append(pair)
-  return merges
+    lines = f.read().splitlines()
+  return [
+    _merge_pair(line, f"{path}, line {number}")
+    for number, line in enumerate(lines, start=1)
+    if line.strip() and not line.startswith("#version")
+  ]
 
 
-def _token_content(value: str | dict) -> str:
-  """The text of a special token written as a string or as an AddedToken dict."""
-  return value["content"] if isinstance(value, dict) else value
+def _read_tokenizer_json(path: str) -> tuple[dict[str, int], list[tuple[str, str]], list[dict]]:
+  """(vocab, merges, added_tokens) of a `tokenizers` tokenizer.json: its BPE
+  model's vocabulary and merges (as strings "a b" or lists ["a", "b"]), and its
+  added tokens ({"content", "normalized", ...} dicts). Its normalizer,
+  pre-tokenizer and post-processor are not read: as transformers 5's
+  CLIPTokenizer, this keeps CLIP's own."""
+  data = _read_json(path)
+  model = data.get("model") if isinstance(data, dict) else None
+  if not isinstance(model, dict) or model.get("type", "BPE") != "BPE":
+    kind = model.get("type") if isinstance(model, dict) else model
+    raise ValueError(f"{path}: a CLIP tokenizer.json has a BPE model, got {kind!r}.")
+  vocab = model.get("vocab")
+  if not isinstance(vocab, dict) or not isinstance(model.get("merges"), list):
+    raise ValueError(f"{path}: the BPE model has no vocab {{symbol: id}} or no merges list.")
+  merges = [_merge_pair(merge, f"{path}, merge {i}") for i, merge in enumerate(model["merges"])]
+  added_tokens = [token for token in data.get("added_tokens") or () if isinstance(token, dict) and "content" in token]
+  return vocab, merges, added_tokens
 
 
-def _special_token_values(config: dict, special_tokens_map: dict | None) -> dict[str, str | dict]:
-  """{"bos_token", ...: str or AddedToken dict} as transformers resolves them:
-  tokenizer_config.json's, overridden by special_tokens_map.json's only in the
-  older layout, the one without "added_tokens_decoder" (SD 2's pad token "!" is
-  written only in its special_tokens_map.json)."""
-  values = {key: config[key] for key in _SPECIAL_KEYS if config.get(key) is not None}
-  if special_tokens_map and "added_tokens_decoder" not in config:
-    values.update({key: special_tokens_map[key] for key in _SPECIAL_KEYS if special_tokens_map.get(key) is not None})
-  return values
-
-
-def _added_token(key: str, value: TokenSpec | dict, declared: dict[str, dict]) -> tokenizers.AddedToken:
-  """The special token `key` ("bos_token", ...) with transformers' matching flags.
-
-  `normalized` says whether the token is matched in the normalized (lower-cased)
-  text or in the raw text. transformers takes it from the token's entry in
-  added_tokens_decoder (`declared`, by content), else from an AddedToken dict,
-  else True for bos/eos/unk strings and False for a pad string.
-  """
+def _token_content(value: TokenSpec | dict) -> str:
+  """The text of a special token: a string, an AddedToken or an AddedToken dict."""
   if isinstance(value, tokenizers.AddedToken):
-    return tokenizers.AddedToken(value.content, normalized=value.normalized, special=True)
-  content = _token_content(value)
-  flags = declared.get(content) or (value if isinstance(value, dict) else {})
-  normalized = bool(flags.get("normalized", key != "pad_token"))
-  return tokenizers.AddedToken(content, normalized=normalized, special=True)
+    return value.content
+  return value["content"] if isinstance(value, dict) else str(value)
+
+
+def _special_tokens(
+  config: dict, special_tokens_map: dict | None, json_added_tokens: list[dict] | None
+) -> dict[str, TokenSpec]:
+  """{"bos_token", ...: str or tokenizers.AddedToken} as transformers 5's
+  from_pretrained passes them to its CLIPTokenizer.
+
+  The tokens: tokenizer_config.json's, else CLIP's defaults; in the layout
+  without "added_tokens_decoder" (SD's checkpoints, transformers 5's
+  save_pretrained), special_tokens_map.json's override them (SD 2's pad token
+  "!" is written only there). A token declared with flags (by content: in
+  added_tokens_decoder when the config has one, else in tokenizer.json's
+  added_tokens) is that AddedToken; else an AddedToken dict is an AddedToken,
+  a string stays a string.
+  """
+  values = {key: config[key] for key in _SPECIAL_KEYS if config.get(key) is not None}
+  if "added_tokens_decoder" in config:
+    declared = list(config["added_tokens_decoder"].values())
+  else:
+    if special_tokens_map:
+      values.update({key: special_tokens_map[key] for key in _SPECIAL_KEYS if special_tokens_map.get(key) is not None})
+    declared = json_added_tokens or []
+  by_content = {entry["content"]: entry for entry in declared if isinstance(entry, dict) and "content" in entry}
+  values = dict(_DEFAULT_SPECIALS, **values)
+  specs = {}
+  for key in _SPECIAL_KEYS:
+    value = values[key]
+    entry = by_content.get(_token_content(value))
+    specs[key] = _from_dict(entry) if entry is not None else _from_dict(value) if isinstance(value, dict) else value
+  return specs
+
+
+def _from_dict(entry: dict) -> tokenizers.AddedToken:
+  """An AddedToken dict ({"content", "normalized", "lstrip", ...}) as a special AddedToken."""
+  flags = {name: bool(entry[name]) for name in ("single_word", "lstrip", "rstrip", "normalized") if name in entry}
+  return tokenizers.AddedToken(entry["content"], **{"normalized": False, **flags}, special=True)
+
+
+def _resolved_specials(specs: dict[str, TokenSpec]) -> dict[str, tokenizers.AddedToken]:
+  """The special tokens with the `normalized` flags transformers 5 gives them.
+
+  A string is not normalized (matched in the raw text only); an AddedToken
+  keeps its flag. Where keys share a text (SD's eos, unk and pad
+  <|endoftext|>), transformers 5 adds their distinct values (a string and an
+  AddedToken always differ; AddedTokens differ by any flag) in key order, and
+  the last one added sets the flag: SD v1's files (eos and unk normalized
+  AddedTokens, pad the string "<|endoftext|>") give an unnormalized
+  <|endoftext|>.
+  """
+  distinct = []
+  for spec in specs.values():
+    if spec not in distinct:
+      distinct.append(spec)
+  normalized = {}
+  for spec in distinct:
+    normalized[_token_content(spec)] = isinstance(spec, tokenizers.AddedToken) and bool(spec.normalized)
+  contents = {key: _token_content(spec) for key, spec in specs.items()}
+  return {key: tokenizers.AddedToken(c, normalized=normalized[c], special=True) for key, c in contents.items()}
 
 
 class CLIPTokenizer:
-  """CLIP's BPE tokenizer, matching transformers' CLIPTokenizerFast.
+  """CLIP's BPE tokenizer, matching transformers' CLIPTokenizer (5's; 4's CLIPTokenizerFast).
 
   Attributes:
     model_max_length: the length of every row `__call__` returns (77 for SD).
@@ -152,14 +228,13 @@ class CLIPTokenizer:
       merges: the BPE merges (left symbol, right symbol), highest priority first.
       model_max_length: tokens per row, <|startoftext|> and <|endoftext|> included.
       bos_token, eos_token, unk_token, pad_token: the special tokens, as text
-        or as `tokenizers.AddedToken` (whose `normalized` flag is kept).
+        (matched in the raw text, as transformers 5 does) or as
+        `tokenizers.AddedToken` (whose `normalized` flag is kept: True matches
+        the token in the lower-cased text).
     """
     if int(model_max_length) < 2:
       raise ValueError(f"model_max_length must be at least 2 (the bos and eos tokens), got {model_max_length}.")
-    specials = {
-      key: _added_token(key, value, {})
-      for key, value in zip(_SPECIAL_KEYS, (bos_token, eos_token, unk_token, pad_token), strict=True)
-    }
+    specials = _resolved_specials(dict(zip(_SPECIAL_KEYS, (bos_token, eos_token, unk_token, pad_token), strict=True)))
     missing = sorted({t.content for t in specials.values() if t.content not in vocab})
     if missing:
       raise ValueError(f"the special tokens {missing} are not in the vocabulary.")
@@ -262,37 +337,51 @@ class CLIPTokenizer:
 
   @classmethod
   def from_folder(cls, path: str) -> CLIPTokenizer:
-    """The tokenizer of a diffusers tokenizer/ folder, as transformers'
+    """The tokenizer of a diffusers tokenizer/ folder, as transformers 5's
     CLIPTokenizer.from_pretrained reads it.
 
-    Needs vocab.json, merges.txt and tokenizer_config.json (with
-    model_max_length); special_tokens_map.json is read when present. A
-    tokenizer.json is ignored: SD folders do not have one.
+    Needs tokenizer_config.json (with model_max_length) and the BPE model:
+    tokenizer.json's when there is one (as in transformers 5, it wins over
+    vocab.json and merges.txt), else vocab.json and merges.txt. Either way
+    the pipeline is CLIP's own, built from the vocabulary and merges (a
+    tokenizer.json's normalizer and pre-tokenizer are not read).
+    special_tokens_map.json is read when present.
     """
-    files = {name: os.path.join(path, name) for name in ("vocab.json", "merges.txt", "tokenizer_config.json")}
-    for file in files.values():
-      if not os.path.isfile(file):
-        raise ValueError(
-          f"{file} is missing: a CLIP tokenizer folder needs vocab.json, merges.txt and tokenizer_config.json."
-        )
-    config = _read_json(files["tokenizer_config.json"])
+    config_file = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(config_file):
+      raise ValueError(f"{config_file} is missing: {_FILES_NEEDED}.")
+    config = _read_json(config_file)
     if "model_max_length" not in config:
-      raise ValueError(f"{files['tokenizer_config.json']} has no model_max_length.")
+      raise ValueError(f"{config_file} has no model_max_length.")
+    json_file = os.path.join(path, "tokenizer.json")
+    json_added_tokens = None
+    if os.path.isfile(json_file):
+      vocab, merges, json_added_tokens = _read_tokenizer_json(json_file)
+      vocab_source = json_file
+    else:
+      vocab_source, merges_file = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
+      for file in (vocab_source, merges_file):
+        if not os.path.isfile(file):
+          raise ValueError(f"{file} is missing, and there is no tokenizer.json: {_FILES_NEEDED}.")
+      vocab, merges = _read_json(vocab_source), _read_merges(merges_file)
     map_file = os.path.join(path, "special_tokens_map.json")
     special_tokens_map = _read_json(map_file) if os.path.isfile(map_file) else None
-    values = dict(_DEFAULT_SPECIALS, **_special_token_values(config, special_tokens_map))
-    declared = {entry["content"]: entry for entry in config.get("added_tokens_decoder", {}).values()}
-    vocab = _read_json(files["vocab.json"])
-    specials = {key: _added_token(key, values[key], declared) for key in _SPECIAL_KEYS}
-    missing = sorted({t.content for t in specials.values() if t.content not in vocab})
+    specials = _special_tokens(config, special_tokens_map, json_added_tokens)
+    missing = sorted({_token_content(t) for t in specials.values() if _token_content(t) not in vocab})
     if missing:
-      raise ValueError(f"the special tokens {missing} of {path} are not in {files['vocab.json']}.")
-    return cls(vocab, _read_merges(files["merges.txt"]), int(config["model_max_length"]), **specials)
+      raise ValueError(f"the special tokens {missing} of {path} are not in {vocab_source}.")
+    return cls(vocab, merges, int(config["model_max_length"]), **specials)
 
   def save(self, folder: str) -> None:
     """Writes vocab.json, merges.txt, tokenizer_config.json and
-    special_tokens_map.json into `folder` (created if needed), in the layout
-    of transformers' CLIPTokenizer.save_pretrained."""
+    special_tokens_map.json (transformers 4's save_pretrained layout, SD's on
+    the Hub) and tokenizer.json (transformers 5's, the pipeline of its
+    CLIPTokenizer) into `folder`, created if needed.
+
+    transformers 5 loads the folder from either; tokenizer.json is written so
+    that it is never a stale one, which both transformers 5 and `from_folder`
+    would prefer to vocab.json and merges.txt.
+    """
     os.makedirs(folder, exist_ok=True)
     _write_json(os.path.join(folder, "vocab.json"), self._vocab)
     _write_merges(os.path.join(folder, "merges.txt"), self._merges)
@@ -320,6 +409,8 @@ class CLIPTokenizer:
     }
     _write_json(os.path.join(folder, "tokenizer_config.json"), config)
     _write_json(os.path.join(folder, "special_tokens_map.json"), specials)
+    # As transformers 5 writes it (backend_tokenizer.save: pretty JSON).
+    self._tokenizer.save(os.path.join(folder, "tokenizer.json"))
 
 
 def _write_merges(path: str, merges: Sequence[tuple[str, str]]) -> None:
@@ -330,8 +421,11 @@ def _write_merges(path: str, merges: Sequence[tuple[str, str]]) -> None:
 def _backend(
   vocab: dict[str, int], merges: list[tuple[str, str]], specials: dict[str, tokenizers.AddedToken]
 ) -> tokenizers.Tokenizer:
-  """The `tokenizers.Tokenizer` of transformers' CLIPConverter, without its
-  post-processor (encode adds bos and eos itself)."""
+  """The `tokenizers.Tokenizer` of transformers 5's CLIPTokenizer.
+
+  Its post-processor (bos + text + eos) and decoder are there for the
+  tokenizer.json that `save` writes; `encode` adds bos and eos itself.
+  """
   model = bpe_models.BPE(
     vocab=vocab,
     merges=merges,
@@ -345,17 +439,20 @@ def _backend(
   tokenizer.normalizer = normalizers.Sequence(
     [normalizers.NFC(), normalizers.Replace(tokenizers.Regex(r"\s+"), " "), normalizers.Lowercase()]
   )
-  # The split leaves words without whitespace, so ByteLevel's own GPT-2 split
-  # (the converter leaves it on) would change nothing.
   tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
     [
       pre_tokenizers.Split(tokenizers.Regex(_WORD_PATTERN), behavior="removed", invert=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False),
     ]
   )
+  tokenizer.decoder = decoders.ByteLevel()
+  bos, eos = specials["bos_token"].content, specials["eos_token"].content
+  tokenizer.post_processor = processors.RobertaProcessing(
+    (eos, vocab[eos]), (bos, vocab[bos]), trim_offsets=False, add_prefix_space=False
+  )
   # Every special token is matched in the text, as in transformers (so SD 2's
-  # pad token "!" becomes id 0, not the word-final "!</w>").
-  # A text shared by two keys (SD v1's eos and pad) keeps the first one's flags.
+  # pad token "!" becomes id 0, not the word-final "!</w>"); keys that share a
+  # text (SD v1's eos and pad) have the same flags (_resolved_specials).
   unique = {}
   for token in specials.values():
     unique.setdefault(token.content, token)
