@@ -63,9 +63,6 @@ class TorchModel:
 
 def convert(model, params) -> TorchModel:
   """Our DiffusionModel and params {"unet", "vae", "text_encoder"} as PyTorch modules (float32)."""
-  import json
-  import tempfile
-
   from diffusers import AutoencoderKL
   from diffusers import UNet2DConditionModel
   from transformers import CLIPTextConfig
@@ -75,12 +72,10 @@ def convert(model, params) -> TorchModel:
 
   if model.schedule.prediction_type != "epsilon":
     raise ValueError("the reference implements epsilon prediction only")
-  with tempfile.TemporaryDirectory() as folder:  # the configs exactly as models.save writes them
-    models.save(model, params, folder)
-    read = lambda component: json.load(open(f"{folder}/{component}/config.json"))
-    unet = UNet2DConditionModel.from_config(read("unet"))
-    vae = AutoencoderKL.from_config(read("vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(read("text_encoder")))
+  configs = models.pytorch_configs(model)  # exactly as models.save writes them
+  unet = UNet2DConditionModel.from_config(configs["unet"])
+  vae = AutoencoderKL.from_config(configs["vae"])
+  text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
   _load(unet, models.unet_params_to_pytorch(params["unet"]))
   if model.unet.config.flax_numerics:
     _flax_numerics(unet)

@@ -20,7 +20,6 @@ from ddpo_jax.models.diffusion import DiffusionModel
 from ddpo_jax.models.diffusion import NoiseSchedule
 from ddpo_jax.models.diffusion import Params
 from ddpo_jax.models.diffusion import build
-from ddpo_jax.models.diffusion import build_tokenizer
 from ddpo_jax.models.diffusion import check_model_folder
 from ddpo_jax.models.diffusion import decode_latents
 from ddpo_jax.models.diffusion import encode_images
@@ -28,12 +27,14 @@ from ddpo_jax.models.diffusion import encode_prompts
 from ddpo_jax.models.diffusion import is_local
 from ddpo_jax.models.diffusion import load
 from ddpo_jax.models.diffusion import predict_noise
+from ddpo_jax.models.diffusion import pytorch_configs
 from ddpo_jax.models.diffusion import resolve_path
 from ddpo_jax.models.diffusion import save
 from ddpo_jax.models.diffusion import tokenize
 from ddpo_jax.models.diffusion import with_attention
 from ddpo_jax.models.diffusion import with_attention_block
 from ddpo_jax.models.diffusion import with_vae_scaling_factor
+from ddpo_jax.models.tokenizer import build_tokenizer
 from ddpo_jax.models.unet import unet_params_to_pytorch
 from ddpo_jax.models.vae import vae_params_to_pytorch
 
@@ -53,6 +54,7 @@ __all__ = [
   "is_local",
   "load",
   "predict_noise",
+  "pytorch_configs",
   "resolve_path",
   "save",
   "text_params_to_pytorch",

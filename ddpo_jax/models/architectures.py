@@ -19,7 +19,6 @@ The configs come from:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -43,11 +42,6 @@ def known_names() -> list[str]:
   return sorted(KNOWN)
 
 
-def _read_json(path: str) -> dict:
-  with open(path) as f:
-    return json.load(f)
-
-
 def folder_configs(path: str) -> dict[str, Any]:
   """The component configs of a model folder in diffusers' layout."""
   path = os.path.expanduser(models.resolve_path(path))
@@ -61,7 +55,7 @@ def component_configs(name: str) -> dict[str, Any]:
   """{"unet", "vae", "text_encoder", "scheduler", "tokenizer", "path"} of a
   known Hugging Face id, "toy-world" or a local folder."""
   if name in KNOWN:
-    configs = _read_json(os.path.join(ARCHITECTURES_DIR, KNOWN[name]))
+    configs = models._read_json(os.path.join(ARCHITECTURES_DIR, KNOWN[name]))
     return dict({c: configs[c] for c in COMPONENTS}, path=name)
   if models.is_local(name):
     return folder_configs(name)

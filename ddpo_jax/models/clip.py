@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpo_jax.models import clip_towers
+from ddpo_jax.models import diffusion
 from ddpo_jax.models import pytorch_weights
 
 Params = dict[str, Any]
@@ -115,11 +116,6 @@ def load_folder(
   return clip_towers.load_vision_tower(folder, dtype)
 
 
-def is_local(name: str) -> bool:
-  """Whether `name` is meant as a local folder rather than a Hugging Face id ("owner/name")."""
-  return os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name) or name.count("/") != 1
-
-
 def download(repo_id: str, revision: str | None = None) -> str:
   """The local snapshot folder of a Hub repo's config.json and *.safetensors (downloaded once, then cached)."""
   from huggingface_hub import snapshot_download
@@ -147,7 +143,7 @@ def load_vision(
   compute_dtype = jnp.dtype(dtype)
   if name == TINY_RANDOM:
     module, params = tiny_vision(dtype=compute_dtype)
-  elif is_local(name):
+  elif diffusion.is_local(name):
     if revision:
       raise ValueError(f"revision {revision!r} applies to Hugging Face ids, not to the local folder {name!r}")
     path = os.path.expanduser(name)

@@ -395,6 +395,20 @@ def _write_json(path: str, value: dict) -> None:
     json.dump(value, f, indent=2)
 
 
+def pytorch_configs(model: DiffusionModel) -> dict[str, dict]:
+  """{"unet", "vae", "text_encoder"}: the config.json dicts of diffusers' and transformers' PyTorch classes
+  for `model` (what `save` writes; `UNet2DConditionModel.from_config(...)` etc. build them)."""
+  return {
+    "unet": _unet_config_json(model.unet.config),
+    "vae": {
+      "_class_name": "AutoencoderKL",
+      "_diffusers_version": _DIFFUSERS_LAYOUT_VERSION,
+      **_config_fields(model.vae.config),
+    },
+    "text_encoder": _text_config_json(model),
+  }
+
+
 def save(model: DiffusionModel, params: Params, path: str) -> None:
   """Writes `model` with `params` in diffusers' save_pretrained layout, PyTorch safetensors weights.
 
@@ -407,15 +421,7 @@ def save(model: DiffusionModel, params: Params, path: str) -> None:
     "vae": vae_lib.vae_params_to_pytorch(params["vae"]),
     "text_encoder": clip_towers.params_to_pytorch(params["text_encoder"]),
   }
-  configs = {
-    "unet": _unet_config_json(model.unet.config),
-    "vae": {
-      "_class_name": "AutoencoderKL",
-      "_diffusers_version": _DIFFUSERS_LAYOUT_VERSION,
-      **_config_fields(model.vae.config),
-    },
-    "text_encoder": _text_config_json(model),
-  }
+  configs = pytorch_configs(model)
   for component, state_dict in state_dicts.items():
     folder = os.path.join(path, component)
     os.makedirs(folder, exist_ok=True)
@@ -446,11 +452,6 @@ def _scheduler_config(schedule: NoiseSchedule) -> dict:
   config = dict(SD_V1_SCHEDULER)
   config.update(steps_offset=schedule.steps_offset, prediction_type=schedule.prediction_type)
   return config
-
-
-def build_tokenizer(words: list[str], directory: str, max_length: int):
-  """A closed-vocabulary CLIP BPE tokenizer of `words` (see `tokenizer.build_tokenizer`)."""
-  return tokenizer_lib.build_tokenizer(words, directory, max_length)
 
 
 def build(
