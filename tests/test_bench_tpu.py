@@ -72,12 +72,12 @@ def test_epoch_time_from_the_config():
   # 16 samples x 2 kept steps = 32 transitions per inner epoch, 8 x 2 per optimiser step: 2 steps, 3 times.
   assert memory.epoch_composition(config) == (2, 6)
 
-  class Costs:  # a Setting's two cost methods, by hand
+  class Costs:  # a Setting's two cost methods, by hand: a program's cost, its loop body's, the loop's trips
     def sampling_call_cost(self, per_device):
-      return tpu.Cost(flops=2e12 * per_device, bytes_accessed=1e9)
+      return tpu.LoopCost(tpu.Cost(1e12 * per_device, 0.5e9), tpu.Cost(0.5e12 * per_device, 0.25e9), 3)
 
     def optimizer_step_cost(self, per_device):
-      return tpu.Cost(flops=1e12, bytes_accessed=8.19e9 * per_device)
+      return tpu.LoopCost(tpu.Cost(1e12, 8.19e9 * per_device), tpu.Cost(0.0, 0.0), 1)
 
   chip = tpu.CHIPS["v5e"]
   record = memory.time_record(config, chip, Costs(), sample_per_device=2, train_per_device=2)
@@ -86,6 +86,7 @@ def test_epoch_time_from_the_config():
   assert record["optimizer_step"]["seconds"] == pytest.approx(step) and record["optimizer_step"]["bound"] == "memory"
   assert record["epoch_seconds"] == pytest.approx(2 * call + 6 * step)
   assert record["samples_per_second"] == pytest.approx(16 / (2 * call + 6 * step))
+  assert record["sampling_call"]["loop_trips"] == 3 and record["sampling_call"]["loop_body"]["flops"] == 1e12
   assert "(compute)" in memory._time_columns({"time": record}) and memory._duration(0.0203) == "20.3 ms"
 
 
@@ -174,10 +175,14 @@ def test_tiny_config_compiles_for_a_v5e_slice(v5e_slice, v5e_setting):
     assert phase["seconds"] == max(phase["flops"] / chip.peak_flops, phase["bytes_accessed"] / chip.hbm_bandwidth)
   call, step = time["sampling_call"]["seconds"], time["optimizer_step"]["seconds"]
   assert time["epoch_seconds"] == pytest.approx(2 * call + 4 * step)
-  # A sampling call is the sampler's program with its loop body (one denoising step) counted twice.
-  sampler = setting.sample(2)[0].cost
-  assert time["sampling_call"]["flops"] > sampler.flops and time["sampling_call"]["flops"] < 2 * sampler.flops
-  assert time["optimizer_step"]["flops"] == setting.train(2)[0].cost.flops  # one minibatch: no body to add
+  # A sampling call: the sampler's program (text encoder, the loop counting one denoising step, VAE decoder) and
+  # the loop's second step, the denoising step compiled alone.
+  sampling = time["sampling_call"]
+  assert sampling["program"]["flops"] == setting.sample(2)[0].cost.flops and sampling["loop_trips"] == 2
+  assert 0 < sampling["loop_body"]["flops"] < sampling["program"]["flops"]
+  assert sampling["flops"] == sampling["program"]["flops"] + sampling["loop_body"]["flops"]
+  step_cost = time["optimizer_step"]
+  assert step_cost["flops"] == step_cost["program"]["flops"] and step_cost["loop_trips"] == 1  # one minibatch
   assert json.loads(json.dumps(record)) == record
   table = memory.format_table([record])
   assert "| v5e:2x2 | 4×1 | float32 | off |" in table and "XLA:TPU compiled: the TPU compiler's" in table

@@ -888,33 +888,33 @@ class Setting:
     return plan, step_args(plan, params, epoch_rollouts(plan, outputs, sizes["num_batches"]))
 
   def sampling_call_cost(self, per_device: int):
-    """The tpu.Cost per device of one sampling call of `per_device` samples: the compiled sampler's, with its
-    loop of config.sample.num_steps denoising steps counted that many times (the step compiled alone)."""
+    """The tpu.LoopCost per device of one sampling call of `per_device` samples: the compiled sampler's, its loop
+    of config.sample.num_steps denoising steps counted once, and one denoising step's, compiled alone."""
     key = ("sample", per_device)
-    if key not in self._costs and self.config.sample.num_steps == 1:
-      self._costs[key] = self.sample(per_device)[0].cost
     if key not in self._costs:
       memory, _ = self.sample(per_device)
-      plan, params = self.plan(self.config.train.batch_size // self.num_devices)
-      outputs = sampler_outputs(plan, sampler_args(plan, params, per_device * self.num_devices))
-      logging.info("compiling the sampler's denoising step alone: %d samples per device ...", per_device)
-      body = compiled_cost(jitted_denoise_step(plan), denoise_step_args(plan, outputs))
-      self._costs[key] = tpu.loop_cost(memory.cost, body, self.config.sample.num_steps)
+      trips, body = self.config.sample.num_steps, tpu.Cost(0.0, 0.0)
+      if trips > 1:
+        plan, params = self.plan(self.config.train.batch_size // self.num_devices)
+        outputs = sampler_outputs(plan, sampler_args(plan, params, per_device * self.num_devices))
+        logging.info("compiling the sampler's denoising step alone: %d samples per device ...", per_device)
+        body = compiled_cost(jitted_denoise_step(plan), denoise_step_args(plan, outputs))
+      self._costs[key] = tpu.LoopCost(memory.cost, body, trips)
     return self._costs[key]
 
   def optimizer_step_cost(self, per_device: int):
-    """The tpu.Cost per device of one optimiser step of config.train.gradient_accumulation_steps minibatches of
-    `per_device` transitions: the compiled step's (one minibatch, see `measuring_config`) plus the other
-    minibatches' accumulation bodies (compiled alone)."""
+    """The tpu.LoopCost per device of one optimiser step of config.train.gradient_accumulation_steps minibatches
+    of `per_device` transitions: the compiled step's (one minibatch, see `measuring_config`) and one minibatch's
+    accumulation body, compiled alone."""
     key = ("train", per_device)
-    if key not in self._costs and self.config.train.gradient_accumulation_steps == 1:
-      self._costs[key] = self.train(per_device)[0].cost
     if key not in self._costs:
       memory, _ = self.train(per_device)
-      plan, args = self._step_inputs(per_device)
-      logging.info("compiling the optimiser step's accumulation body alone: %d transitions per device ...", per_device)
-      body = compiled_cost(jitted_accumulation_step(plan), accumulation_step_args(plan, args))
-      self._costs[key] = tpu.loop_cost(memory.cost, body, self.config.train.gradient_accumulation_steps)
+      trips, body = self.config.train.gradient_accumulation_steps, tpu.Cost(0.0, 0.0)
+      if trips > 1:
+        plan, args = self._step_inputs(per_device)
+        logging.info("compiling the optimiser step's accumulation body alone: %d transitions per device", per_device)
+        body = compiled_cost(jitted_accumulation_step(plan), accumulation_step_args(plan, args))
+      self._costs[key] = tpu.LoopCost(memory.cost, body, trips)
     return self._costs[key]
 
 
@@ -994,14 +994,19 @@ def epoch_composition(config) -> tuple[int, int]:
 
 
 def _roofline_record(cost, chip) -> dict[str, Any]:
-  line = tpu.roofline(cost, chip)
+  """The roofline of a call's tpu.LoopCost on `chip`, with the parts it adds up (the program and its loop body)."""
+  total = cost.total
+  line = tpu.roofline(total, chip)
   return {
-    "flops": cost.flops,
-    "bytes_accessed": cost.bytes_accessed,
+    "flops": total.flops,
+    "bytes_accessed": total.bytes_accessed,
     "seconds": line.seconds,
     "compute_seconds": line.compute_seconds,
     "memory_seconds": line.memory_seconds,
     "bound": line.bound,
+    "program": dataclasses.asdict(cost.program),
+    "loop_body": dataclasses.asdict(cost.body),
+    "loop_trips": cost.trips,
   }
 
 

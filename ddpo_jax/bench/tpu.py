@@ -180,6 +180,25 @@ def cost_of(analysis: Any) -> Cost:
   return Cost(float(analysis.get("flops", 0.0)), float(analysis.get("bytes accessed", 0.0)))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopCost:
+  """A call's Cost from its program's cost analysis, counting its loop's body once, and that body's own.
+
+  Attributes:
+    program: the compiled program's Cost (the loop body in it once).
+    body: the loop body's Cost, compiled alone (zero when the loop runs once).
+    trips: how many times the loop runs per call.
+  """
+
+  program: Cost
+  body: Cost
+  trips: int
+
+  @property
+  def total(self) -> Cost:
+    return loop_cost(self.program, self.body, self.trips)
+
+
 def loop_cost(whole: Cost, body: Cost, trips: int) -> Cost:
   """The Cost of a program whose loop runs `trips` times, from its cost analysis `whole` and the
   loop body's own `body`.
