@@ -95,6 +95,26 @@ def ddim_kwargs(model: models.DiffusionModel, settings: SamplerSettings) -> dict
   )
 
 
+def denoise_step(
+  model: models.DiffusionModel,
+  unet_params,
+  latents: jax.Array,
+  t: jax.Array,
+  key: jax.Array,
+  context: jax.Array,
+  negative_context: jax.Array,
+  settings: SamplerSettings,
+) -> tuple[jax.Array, jax.Array]:
+  """One guided DDIM step, the body of `rollout`'s loop: x_t [B, C, h, w] at timestep t (int scalar)
+  -> (x_{t-1} [B, C, h, w], log p(x_{t-1} | x_t) [B]), its noise drawn with `key`.
+
+  context: [B, L, D]; negative_context: [L, D].
+  """
+  timesteps = jnp.full((latents.shape[0],), t)
+  output = guided_noise(model, unet_params, latents, timesteps, context, negative_context, settings.guidance_scale)
+  return ddim.ddim_step_with_logprob(output, t, latents, key=key, **ddim_kwargs(model, settings))
+
+
 def rollout(
   model: models.DiffusionModel,
   unet_params,
@@ -127,14 +147,10 @@ def rollout(
   if group > 1:
     initial = jnp.repeat(initial, group, axis=0)
   step_keys = jax.random.split(steps_key, settings.num_steps)
-  kwargs = ddim_kwargs(model, settings)
 
   def denoise(latents, inputs):
     t, step_key = inputs
-    output = guided_noise(
-      model, unet_params, latents, jnp.full((batch,), t), context, negative_context, settings.guidance_scale
-    )
-    prev_latents, log_prob = ddim.ddim_step_with_logprob(output, t, latents, key=step_key, **kwargs)
+    prev_latents, log_prob = denoise_step(model, unet_params, latents, t, step_key, context, negative_context, settings)
     return prev_latents, (prev_latents, log_prob)
 
   _, (latents, log_probs) = jax.lax.scan(denoise, initial, (timesteps, step_keys))

@@ -62,8 +62,18 @@ def _check_workdir(workdir: str) -> None:
 ADVANTAGES = ("stat_tracking", "group")
 
 
-def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices: int, num_processes: int = 1) -> None:
-  """Raises ConfigError for the first invalid value or combination."""
+def validate(
+  config: ml_collections.ConfigDict,
+  workdir: str | None,
+  num_devices: int,
+  num_processes: int = 1,
+  backend: str | None = None,
+) -> None:
+  """Raises ConfigError for the first invalid value or combination.
+
+  backend: the platform the run compiles for ("cpu", "gpu", "tpu"; None: jax's default backend), against which
+  config.model.attention is checked.
+  """
   s, t = config.sample, config.train
   if config.num_epochs < 1:
     raise ConfigError(f"config.num_epochs={config.num_epochs} must be >= 1.")
@@ -139,13 +149,13 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None, num_devices
     raise ConfigError(f"config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} must be >= 1.")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: choose 'float32' or 'bfloat16'.")
-  for resolve, setting, backend in (
+  for resolve, setting, platform in (
     (config_utils.resolve_accumulation, config.train.accumulation, "cpu"),
-    (config_utils.resolve_attention, config.model.attention, jax.default_backend()),
+    (config_utils.resolve_attention, config.model.attention, backend or jax.default_backend()),
     (config_utils.resolve_attention_block_mb, config.model.attention_block_mb, "blocked"),
   ):
     try:
-      resolve(setting, backend)
+      resolve(setting, platform)
     except ValueError as e:
       raise ConfigError(str(e)) from e
   if not 0 <= config.mesh.min_sharded_fraction <= 1:

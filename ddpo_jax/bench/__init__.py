@@ -9,6 +9,9 @@ Subcommands:
           GPU), and whether the config fits in its HBM. Runs no model and
           downloads nothing:
               python -m ddpo_jax.bench memory --config=configs/compress.py
+          With libtpu installed, --topology=v5e:2x4 (any TPU slice jax
+          knows) compiles with the TPU compiler for that slice and adds
+          roofline times per sampling call, optimiser step and epoch.
 
 The speed benchmarks against the PyTorch reference (rollout, train, epoch) are
 not installed with the package: they live in benchmarks/ at the top of the

@@ -3,11 +3,16 @@ r"""`python -m ddpo_jax.bench memory`: does a config fit in a target's HBM?
     python -m ddpo_jax.bench memory --config=configs/compress.py
     python -m ddpo_jax.bench memory --config=configs/compress.py --target=v5e-8 --json
     python -m ddpo_jax.bench memory --config=configs/compress.py:tiny --grid=config --nosearch
+    python -m ddpo_jax.bench memory --config=configs/compress.py --topology=v5e:2x4,v4:2x2x1   # needs libtpu
 
 Runs no model and downloads nothing: the model is built without weights
 (ddpo_jax.models.architectures), the steps are jitted on abstract params, and their
 sampler and training step are lowered with abstract inputs and compiled for
-the target's mesh on fake CPU devices. Per device, per target and setting:
+the target's mesh: with --target on fake CPU devices (XLA:CPU, the fallback
+without libtpu), with --topology by the TPU compiler for the compile-only
+devices of that TPU slice (`ddpo_jax.bench.tpu`), the config's "auto"
+settings resolved for the TPU (flash attention, scanned accumulation), the
+same jitted functions and shardings as the trainer's. Per device, per target and setting:
 
   * params: the trained UNet as the train state shards it, the frozen VAE and
     text encoder (replicated), and the optimizer state (AdamW's mu and nu);
@@ -44,6 +49,16 @@ What the numbers are (printed with the report):
     lax.scan whose body, one minibatch's forward and backward pass, is the
     same for any count, while XLA:CPU unrolls it (update.UpdateSettings) and
     would compile that many copies.
+  * With --topology (or --platform=native on a TPU), the rooflines of a
+    sampling call and of an optimiser step on the slice's chip (`tpu.CHIPS`):
+    max(FLOPs / peak bfloat16 FLOP/s, bytes accessed / HBM bandwidth) of the
+    TPU compiler's cost analysis, which counts a while loop's body once: the
+    sampler's loop body (one denoising step) and the step's accumulation body
+    (one minibatch) are compiled alone and added (num_steps - 1) and
+    (gradient_accumulation_steps - 1) times. Then the epoch's time,
+    num_batches_per_epoch sampling calls + num_inner_epochs x
+    num_updates_per_inner_epoch optimiser steps, and its samples per second.
+    Bounds, not measurements: no overlap, no host, reward or evaluation time.
   * --nocompile skips compilation: params, optimizer state and buffers are
     exact; the training step's activations are the jaxpr's saved residuals
     (plus, with remat, the largest rematerialised block's), and the sampler's
@@ -72,17 +87,27 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ddpo_jax.bench import tpu
+
 GiB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """A machine: its devices and the HBM of each, in bytes."""
+  """A machine: its devices and the HBM of each, in bytes.
+
+  topology: the TPU slice (`--topology`) whose compile-only devices the steps
+  are compiled for with the TPU compiler; "" for the targets of `--target`
+  (fake CPU devices). chip: its generation's figures (`tpu.Chip`), for the
+  rooflines; None where unknown.
+  """
 
   name: str
   num_devices: int
   hbm_bytes: int
   description: str
+  topology: str = ""
+  chip: Any = None
 
 
 TARGETS = {
@@ -111,6 +136,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     "all",
     ["all", *TARGETS],
     "The machine whose mesh and HBM to check; all: each in turn.",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+    "topology",
+    None,
+    "TPU slices to compile for with the TPU compiler (needs libtpu), comma-separated jax topology names, e.g. "
+    "v5e:2x4,v4:2x2x1,v6e:2x4; replaces --target, and adds each call's roofline time and the epoch's.",
     flag_values=flag_values,
   )
   flags.DEFINE_integer(
@@ -289,7 +321,8 @@ class Memory:
 
   argument: all its arguments, from their shapes: params it does not read
   (the VAE's encoder in the sampler) are pruned from the compiled program
-  (compiled_argument) but stay on the device all the same.
+  (compiled_argument) but stay on the device all the same; or the compiled
+  arguments where they are more (the TPU's tiled layouts pad small dimensions).
   """
 
   argument: int
@@ -298,6 +331,7 @@ class Memory:
   temp: int
   compiled_argument: int = 0
   seconds: float = 0.0
+  cost: Any = None  # tpu.Cost of the compiled program (cost_analysis: loop bodies counted once); None if not compiled
 
   @property
   def total(self) -> int:
@@ -359,8 +393,12 @@ class Plan:
     )
 
 
-def make_plan(config, devices):
-  """The Plan of `config` on abstract params, and those params."""
+def make_plan(config, devices, backend: str | None = None):
+  """The Plan of `config` on abstract params, and those params.
+
+  backend: the platform its "auto" settings resolve for ("tpu" for a
+  topology's devices: flash attention, scanned accumulation); None: jax's default.
+  """
   import jax
 
   from ddpo_jax import config_utils
@@ -369,7 +407,7 @@ def make_plan(config, devices):
   from ddpo_jax import steps
   from ddpo_jax import train_state
 
-  config = config_utils.resolve_auto(config, jax.default_backend())
+  config = config_utils.resolve_auto(config, backend or jax.default_backend())
   model, params = abstract_model(config.model.name, config.model.dtype)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
   model = models.with_attention(model, config.model.attention, float(config.model.attention_block_mb), mesh)
@@ -448,19 +486,117 @@ def step_args(plan, params, rollouts) -> tuple:
 
 
 def compiled_memory(jitted, args) -> Memory:
-  """Lowers and compiles `jitted` for abstract `args`; its memory_analysis per device."""
+  """Lowers and compiles `jitted` for abstract `args`; its memory_analysis and cost (`compiled_cost`) per device."""
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
+  traced = jitted.trace(*args)
+  compiled = traced.lower().compile()
   seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()
   return Memory(
-    argument=bytes_per_device(args),
+    # The TPU's tiled layouts pad small dimensions, so its compiled arguments may exceed their bytes.
+    argument=max(bytes_per_device(args), int(stats.argument_size_in_bytes)),
     output=int(stats.output_size_in_bytes),
     alias=int(stats.alias_size_in_bytes),
     temp=int(stats.temp_size_in_bytes),
     compiled_argument=int(stats.argument_size_in_bytes),
     seconds=seconds,
+    cost=program_cost(traced, compiled),
   )
+
+
+def program_cost(traced, compiled):
+  """The tpu.Cost per device of a compiled program: its cost_analysis, plus the FLOPs of the Pallas kernels that
+  carry no cost estimate (the flash attention's backward ones: `tpu.uncosted_kernel_flops`), found in the jaxpr
+  it was `traced` from."""
+  flops, unknown = tpu.uncosted_kernel_flops(traced.jaxpr.jaxpr)
+  if unknown:
+    logging.warning("%d Pallas kernels without a cost estimate count 0 FLOPs in the roofline.", unknown)
+  return tpu.cost_of(compiled.cost_analysis()) + tpu.Cost(flops, 0.0)
+
+
+def compiled_cost(jitted, args):
+  """The tpu.Cost per device of `jitted` compiled for abstract `args` (`program_cost`)."""
+  traced = jitted.trace(*args)
+  return program_cost(traced, traced.lower().compile())
+
+
+# ----------------------------------------------------------------------------
+# Loop bodies, compiled alone: cost_analysis counts a while loop's body once
+# (tpu.loop_cost), so a call's cost is its program's plus (trips - 1) bodies.
+# ----------------------------------------------------------------------------
+
+
+def jitted_denoise_step(plan):
+  """The sampler's loop body, one guided DDIM step (`sampling.denoise_step`), jitted with the sampler's shardings:
+  (unet params as the adapter forms them, latents [B, C, h, w], t, key, context [B, L, D], negative [L, D])
+  -> (latents [B, C, h, w], log-probs [B])."""
+  import jax
+
+  from ddpo_jax import sampling
+  from ddpo_jax import steps
+
+  batch, rep = plan.batch_sharding, plan.replicated
+  step = functools.partial(sampling.denoise_step, plan.model, settings=steps.sampler_settings(plan.config))
+  return jax.jit(
+    step,
+    in_shardings=(plan.layout.unet_sharding, batch, rep, rep, batch, rep),
+    out_shardings=(batch, batch),
+  )
+
+
+def denoise_step_args(plan, sampler_outputs_) -> tuple:
+  """Abstract arguments of `jitted_denoise_step` for a sampling call's `sampler_outputs`, with their shardings."""
+  import jax
+  import jax.numpy as jnp
+
+  trajectory, context, _ = sampler_outputs_
+  latents = trajectory.latents
+  rep = plan.replicated
+  return (
+    plan.layout.unet,
+    jax.ShapeDtypeStruct((latents.shape[0],) + latents.shape[2:], latents.dtype, sharding=plan.batch_sharding),
+    jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+    jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+    context,
+    jax.ShapeDtypeStruct(context.shape[1:], context.dtype, sharding=rep),
+  )
+
+
+def jitted_accumulation_step(plan):
+  """The optimiser step's accumulation body, one minibatch's gradients added to the sum (`update.optimizer_step`'s
+  `accumulate`), jitted with the step's shardings: (trained params, gradient sum, minibatch [M, ...], negative
+  context [L, D], base) -> (gradient sum, metrics)."""
+  import jax
+  import jax.numpy as jnp
+
+  from ddpo_jax import methods
+
+  settings, model = plan.settings, plan.model
+  method_loss = methods.get(settings.method).loss
+  params_sharding = plan.layout.state_sharding.params
+
+  def accumulate(trained, grads_sum, minibatch, negative, base):
+    def loss(p):
+      return method_loss(model, settings.adapter.unet_params(p, base), minibatch, negative, settings, base)
+
+    grads, metrics = jax.grad(loss, has_aux=True)(trained)
+    return jax.tree.map(jnp.add, grads_sum, grads), metrics
+
+  return jax.jit(
+    accumulate,
+    in_shardings=(params_sharding, params_sharding, plan.batch_sharding, plan.replicated, plan.layout.base_sharding),
+    out_shardings=(params_sharding, plan.replicated),
+    donate_argnums=(1,),
+  )
+
+
+def accumulation_step_args(plan, step_args_) -> tuple:
+  """Abstract arguments of `jitted_accumulation_step` for the optimiser step's `step_args`, with their shardings."""
+  import jax
+
+  state, transitions, _, negative, base = step_args_
+  minibatch = jax.tree.map(lambda x: _sds(jax.ShapeDtypeStruct(x.shape[2:], x.dtype), plan.batch_sharding), transitions)
+  return state.params, state.params, minibatch, negative, base
 
 
 # ----------------------------------------------------------------------------
@@ -602,10 +738,13 @@ def training_peak(step: Memory, sizes: dict[str, int]) -> int:
 _SAMPLERS: dict[tuple, tuple] = {}
 
 
-def sampler_key(config, per_device: int, compile_: bool) -> tuple:
-  """What the sampler's memory depends on (not remat, nor the training batch)."""
+def sampler_key(config, per_device: int, compile_: bool, devices: str = "") -> tuple:
+  """What the sampler's memory depends on (not remat, nor the training batch); `devices` names the
+  devices it is compiled for (their platform and kind: a v5e and a v4 slice of 4 chips differ)."""
   m, s = config.mesh, config.sample
   return (
+    devices,
+    config.model.attention,
     config.model.name,
     config.model.dtype,
     m.data,
@@ -622,20 +761,32 @@ def sampler_key(config, per_device: int, compile_: bool) -> tuple:
 
 
 class Setting:
-  """One config on one mesh: builds Plans and measures the two phases."""
+  """One config on one mesh: builds Plans and measures the two phases.
 
-  def __init__(self, config, devices, compile_: bool):
+  backend: the platform the config's "auto" settings resolve for: the
+  devices' own ("tpu" for a topology's compile-only devices), not
+  necessarily jax's default backend.
+  """
+
+  def __init__(self, config, devices, compile_: bool, backend: str | None = None):
     self.config, self.devices, self.compile = config, list(devices), compile_
     self.num_devices = len(self.devices)
+    self.backend = backend or self.devices[0].platform
     self._steps: dict[int, tuple] = {}
     self._plans: dict[int, tuple] = {}
+    self._costs: dict[tuple, Any] = {}
+
+  @property
+  def devices_key(self) -> str:
+    """The devices' platform and kind (what the sampler cache tells apart)."""
+    return f"{self.backend}:{self.devices[0].device_kind}:{self.num_devices}"
 
   def plan(self, train_per_device: int):
     """The Plan of minibatches of `train_per_device` transitions per device, and the abstract params."""
     if train_per_device not in self._plans:
       sample_per_device = self.config.sample.batch_size // self.num_devices
       config = measuring_config(self.config, self.num_devices, sample_per_device, train_per_device)
-      self._plans[train_per_device] = make_plan(config, self.devices)
+      self._plans[train_per_device] = make_plan(config, self.devices, self.backend)
     return self._plans[train_per_device]
 
   def static_sizes(self) -> dict[str, Any]:
@@ -661,7 +812,7 @@ class Setting:
 
   def sample(self, per_device: int) -> tuple[Memory, dict[str, int]]:
     """The sampler's memory for `per_device` samples per device, and buffer sizes."""
-    key = sampler_key(self.config, per_device, self.compile)
+    key = sampler_key(self.config, per_device, self.compile, self.devices_key)
     if key in _SAMPLERS:
       return _SAMPLERS[key]
     plan, params = self.plan(self.config.train.batch_size // self.num_devices)
@@ -705,12 +856,8 @@ class Setting:
     """
     if per_device in self._steps:
       return self._steps[per_device]
-    plan, params = self.plan(per_device)
-    sample_per_device = self.config.sample.batch_size // self.num_devices
-    _, sizes = self.sample(sample_per_device)
-    args = sampler_args(plan, params, sample_per_device * self.num_devices)
-    rollouts = epoch_rollouts(plan, sampler_outputs(plan, args), sizes["num_batches"])
-    state, transitions, index, negative, base = step_args(plan, params, rollouts)
+    plan, args = self._step_inputs(per_device)
+    state, transitions, index, negative, base = args
     activations = saved_activation_bytes(
       plan.model,
       plan.settings,
@@ -732,13 +879,63 @@ class Setting:
     self._steps[per_device] = (memory, activations)
     return memory, activations
 
+  def _step_inputs(self, per_device: int) -> tuple:
+    """(Plan, abstract step_args) of the training step for `per_device` transitions per device."""
+    plan, params = self.plan(per_device)
+    sample_per_device = self.config.sample.batch_size // self.num_devices
+    _, sizes = self.sample(sample_per_device)
+    outputs = sampler_outputs(plan, sampler_args(plan, params, sample_per_device * self.num_devices))
+    return plan, step_args(plan, params, epoch_rollouts(plan, outputs, sizes["num_batches"]))
 
-def measure(config, target: Target, devices, compile_: bool = True, search: bool = True, headroom: float = 0.9):
-  """The report of one setting (a dict, JSON-ready) on `devices` (the mesh's)."""
-  import jax
+  def sampling_call_cost(self, per_device: int):
+    """The tpu.LoopCost per device of one sampling call of `per_device` samples: the compiled sampler's, its loop
+    of config.sample.num_steps denoising steps counted once, and one denoising step's, compiled alone."""
+    key = ("sample", per_device)
+    if key not in self._costs:
+      memory, _ = self.sample(per_device)
+      trips, body = self.config.sample.num_steps, tpu.Cost(0.0, 0.0)
+      if trips > 1:
+        plan, params = self.plan(self.config.train.batch_size // self.num_devices)
+        outputs = sampler_outputs(plan, sampler_args(plan, params, per_device * self.num_devices))
+        logging.info("compiling the sampler's denoising step alone: %d samples per device ...", per_device)
+        body = compiled_cost(jitted_denoise_step(plan), denoise_step_args(plan, outputs))
+      self._costs[key] = tpu.LoopCost(memory.cost, body, trips)
+    return self._costs[key]
 
+  def optimizer_step_cost(self, per_device: int):
+    """The tpu.LoopCost per device of one optimiser step of config.train.gradient_accumulation_steps minibatches
+    of `per_device` transitions: the compiled step's (one minibatch, see `measuring_config`) and one minibatch's
+    accumulation body, compiled alone."""
+    key = ("train", per_device)
+    if key not in self._costs:
+      memory, _ = self.train(per_device)
+      trips, body = self.config.train.gradient_accumulation_steps, tpu.Cost(0.0, 0.0)
+      if trips > 1:
+        plan, args = self._step_inputs(per_device)
+        logging.info("compiling the optimiser step's accumulation body alone: %d transitions per device", per_device)
+        body = compiled_cost(jitted_accumulation_step(plan), accumulation_step_args(plan, args))
+      self._costs[key] = tpu.LoopCost(memory.cost, body, trips)
+    return self._costs[key]
+
+
+def measure(
+  config,
+  target: Target,
+  devices,
+  compile_: bool = True,
+  search: bool = True,
+  headroom: float = 0.9,
+  backend: str | None = None,
+  setting: Setting | None = None,
+):
+  """The report of one setting (a dict, JSON-ready) on `devices` (the mesh's).
+
+  backend: the platform the config's "auto" settings resolve for (None: the devices').
+  setting: a Setting of this config, devices and compile_ whose measurements to reuse (None: a new one).
+  With a compiled step and the target's chip known, the report has the rooflines ("time").
+  """
   num_devices = len(devices)
-  setting = Setting(config, devices, compile_)
+  setting = setting or Setting(config, devices, compile_, backend)
   sample0 = config.sample.batch_size // num_devices
   train0 = config.train.batch_size // num_devices
   sizes = setting.static_sizes()
@@ -749,7 +946,6 @@ def measure(config, target: Target, devices, compile_: bool = True, search: bool
   peak = max(peaks.values())
   limit = budget(target.hbm_bytes, headroom)
   cfg_rows = 1 if config.sample.guidance_scale == 1.0 else 2
-  backend = jax.default_backend().upper()
   record = {
     "target": target.name,
     "description": target.description,
@@ -757,8 +953,10 @@ def measure(config, target: Target, devices, compile_: bool = True, search: bool
     "devices": num_devices,
     "hbm_bytes": target.hbm_bytes,
     "headroom": headroom,
-    "estimate": f"XLA:{backend} compiled" if compile_ else "analytical (rough activations)",
-    "mesh": {"data": int(config.mesh.data), "fsdp": int(config.mesh.fsdp)},
+    "topology": target.topology or None,
+    "estimate": f"XLA:{setting.backend.upper()} compiled" if compile_ else "analytical (rough activations)",
+    "attention": setting.plan(train0)[0].config.model.attention,
+    "mesh": dict(zip(("data", "fsdp"), setting.plan(train0)[0].mesh.devices.shape)),
     "dtype": config.model.dtype,
     "remat": bool(config.train.remat),
     "bytes_per_device": {
@@ -779,10 +977,55 @@ def measure(config, target: Target, devices, compile_: bool = True, search: bool
     "verdict": verdict(peak, target.hbm_bytes, headroom),
     "fits": peak <= limit,
     "largest_fitting": None,
+    "time": time_record(config, target.chip, setting, sample0, train0) if compile_ and target.chip else None,
   }
   if search and peak > limit:
     record["largest_fitting"] = _search(setting, config, sizes, sample0, train0, limit)
   return record
+
+
+def epoch_composition(config) -> tuple[int, int]:
+  """(sampling calls, optimiser steps) of one epoch: config.sample.num_batches_per_epoch calls, then
+  config.train.num_inner_epochs passes over its transitions of `update.num_updates_per_inner_epoch` steps
+  (each of config.train.gradient_accumulation_steps minibatches)."""
+  from ddpo_jax import update
+
+  return config.sample.num_batches_per_epoch, config.train.num_inner_epochs * update.num_updates_per_inner_epoch(config)
+
+
+def _roofline_record(cost, chip) -> dict[str, Any]:
+  """The roofline of a call's tpu.LoopCost on `chip`, with the parts it adds up (the program and its loop body)."""
+  total = cost.total
+  line = tpu.roofline(total, chip)
+  return {
+    "flops": total.flops,
+    "bytes_accessed": total.bytes_accessed,
+    "seconds": line.seconds,
+    "compute_seconds": line.compute_seconds,
+    "memory_seconds": line.memory_seconds,
+    "bound": line.bound,
+    "program": dataclasses.asdict(cost.program),
+    "loop_body": dataclasses.asdict(cost.body),
+    "loop_trips": cost.trips,
+  }
+
+
+def time_record(config, chip, setting: Setting, sample_per_device: int, train_per_device: int) -> dict[str, Any]:
+  """Rooflines per device of a sampling call and an optimiser step on `chip` (`tpu.Chip`) and the epoch's
+  estimated time (its sampling calls and optimiser steps one after another) and samples per second."""
+  sampling = _roofline_record(setting.sampling_call_cost(sample_per_device), chip)
+  step = _roofline_record(setting.optimizer_step_cost(train_per_device), chip)
+  calls, steps_ = epoch_composition(config)
+  epoch = tpu.epoch_seconds(sampling["seconds"], calls, step["seconds"], steps_)
+  return {
+    "chip": dataclasses.asdict(chip),
+    "sampling_call": sampling,
+    "optimizer_step": step,
+    "sampling_calls_per_epoch": calls,
+    "optimizer_steps_per_epoch": steps_,
+    "epoch_seconds": epoch,
+    "samples_per_second": samples_per_epoch(config) / epoch if epoch > 0 else None,
+  }
 
 
 def _phase_record(memory: Memory, per_device: int, num_devices: int, peak: int) -> dict[str, Any]:
@@ -870,19 +1113,79 @@ def run_target(
   platform: str = "cpu",
 ) -> list[dict]:
   """Reports of every setting of `grid` on `target` (in this process)."""
+  return run_grid(config, target, devices_for(num_devices, platform), grid, compile_, search, headroom)
+
+
+def grid_configs(config, num_devices: int, grid: str, backend: str) -> list[tuple[dict[str, Any], Any]]:
+  """(overrides, config) of every setting of `grid`, each validated for `backend` (raises ConfigError naming
+  the setting before anything compiles)."""
   from ddpo_jax import validation
 
-  devices = devices_for(num_devices, platform)
-  records = []
+  settings = []
   for overrides in grid_overrides(config, num_devices, grid):
     setting = with_overrides(config, overrides)
-    validation.validate(setting, None, num_devices)
+    validation.validate(setting, None, num_devices, backend=backend)
+    settings.append((overrides, setting))
+  return settings
+
+
+def run_grid(
+  config,
+  target: Target,
+  devices,
+  grid: str = "paper",
+  compile_: bool = True,
+  search: bool = True,
+  headroom: float = 0.9,
+) -> list[dict]:
+  """Reports of every setting of `grid` on `devices` (the target's), their "auto" settings resolved for the
+  devices' platform; on TPU devices of a known chip (a topology's, or this machine's with --platform=native),
+  with the rooflines."""
+  backend = devices[0].platform
+  if target.chip is None and backend == "tpu":
+    target = dataclasses.replace(target, chip=tpu.chip_for(devices[0].device_kind, target.topology))
+  records = []
+  for overrides, setting in grid_configs(config, len(devices), grid, backend):
     logging.info("%s: %s", target.name, overrides)
     start = time.perf_counter()
-    record = measure(setting, target, devices, compile_, search, headroom)
+    record = measure(setting, target, devices, compile_, search, headroom, backend)
     record["seconds"] = round(time.perf_counter() - start, 1)
     records.append(record)
   return records
+
+
+def topology_target(name: str, devices) -> Target:
+  """The Target of the TPU slice `name` on its compile-only `devices`: the HBM the device reports, else its
+  chip's (`tpu.CHIPS`); ValueError naming --topology when neither is known."""
+  chip = tpu.chip_for(devices[0].device_kind, name)
+  if chip is not None:  # a v4 slice compiled without megacore has a device per core
+    chip = chip.per_device(getattr(devices[0], "num_cores", chip.cores))
+  hbm = tpu.device_hbm_bytes(devices[0]) or (chip.hbm_bytes if chip else None)
+  if hbm is None:
+    raise ValueError(
+      f"--topology={name}: its devices ({devices[0].device_kind!r}) are of no TPU generation whose HBM is known "
+      f"here ({', '.join(tpu.CHIPS)}); add it to ddpo_jax.bench.tpu.CHIPS."
+    )
+  kind = chip.name if chip else devices[0].device_kind
+  return Target(
+    name=name,
+    num_devices=len(devices),
+    hbm_bytes=hbm,
+    description=f"TPU {kind} slice {name}: {len(devices)} devices x {hbm / GiB:.0f} GiB HBM (TPU compiler)",
+    topology=name,
+    chip=chip,
+  )
+
+
+def topology_slices(config, names: Sequence[str], grid: str) -> list[tuple[Target, list]]:
+  """(Target, compile-only devices) of each TPU slice of `names`, every slice and every setting of `grid` on it
+  checked first: ValueError (naming --topology or the setting) before anything compiles."""
+  slices = []
+  for name in names:
+    devices = tpu.topology_devices(name)
+    grid_configs(config, len(devices), grid, "tpu")
+    slices.append((topology_target(name, devices), devices))
+  return slices
 
 
 def _own_flags(argv: list[str]) -> list[str]:
@@ -923,7 +1226,12 @@ def _size(value: int | None) -> str:
 ESTIMATE_NOTES = {
   "XLA:CPU compiled": (
     "working memory as XLA:CPU compiles it for the target's mesh on fake devices: not TPU's or GPU's buffer "
-    "assignment, and bfloat16 is overstated (XLA:CPU computes it in float32)"
+    "assignment, and bfloat16 is overstated (XLA:CPU computes it in float32); the fallback without the TPU "
+    "compiler: with libtpu installed, --topology=v5e:2x4 (or v4:2x2x1, ...) compiles for the TPU slice itself"
+  ),
+  "XLA:TPU compiled": (
+    "the TPU compiler's (libtpu's) buffer assignment for the slice's mesh, compiled on this machine for the "
+    "slice's compile-only devices (nothing ran), config.model.attention and accumulation resolved for the TPU"
   ),
   "analytical (rough activations)": (
     "nothing compiled: training step = its arguments + 2 x the gradients + the jaxpr's saved activations; "
@@ -948,13 +1256,37 @@ def _seconds(phase: dict) -> str:
   return f"{phase['compile_seconds']:.0f}" if phase["compile_seconds"] else "-"
 
 
+def _duration(seconds: float) -> str:
+  """Seconds as µs, ms, s or h, three significant digits."""
+  for unit, scale in (("µs", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+    if seconds < 1000 * scale or unit == "s" and seconds < 3600:
+      return f"{seconds / scale:.3g} {unit}"
+  return f"{seconds / 3600:.3g} h"
+
+
+def _time_columns(record: dict) -> str:
+  """The roofline columns of a record: sampling call, optimiser step (each with its bound), epoch, samples/s."""
+  t = record.get("time")
+  if not t:
+    return "| - | - | - | - |"
+  call, step = t["sampling_call"], t["optimizer_step"]
+  rate = t["samples_per_second"]
+  return (
+    f"| {_duration(call['seconds'])} ({call['bound']}) | {_duration(step['seconds'])} ({step['bound']}) "
+    f"| {_duration(t['epoch_seconds'])} | {f'{rate:.3g}' if rate else '-'} |"
+  )
+
+
 def format_table(records: list[dict]) -> str:
   """A markdown table of the records (bytes per device) and its notes."""
+  timed = any(r.get("time") for r in records)
   header = (
     "| target | mesh data×fsdp | dtype | remat | UNet params + opt | frozen params | rollouts "
     "| sampling peak (samples) | training peak (transitions) | saved act. (jaxpr) | HBM | verdict "
     "| fits at samples, transitions (accum.) | compile s: sampler, step |"
   )
+  if timed:
+    header += " sampling call (bound) | optimiser step (bound) | epoch | samples/s |"
   lines = [header, "|" + "---|" * (header.count(" | ") + 1)]
   for r in records:
     b, s, t = r["bytes_per_device"], r["sample"], r["train"]
@@ -966,7 +1298,7 @@ def format_table(records: list[dict]) -> str:
       f"| {_size(b['epoch_buffers'])} "
       f"| {_size(s['peak'])} ({s['batch_per_device']}) | {_size(t['peak'])} ({t['batch_per_device']}) "
       f"| {_size(t['saved_activations'])} | {_size(r['hbm_bytes'])} | {r['verdict']} | {_fitting(r)} "
-      f"| {_seconds(s)}, {_seconds(t)} |"
+      f"| {_seconds(s)}, {_seconds(t)} |" + (_time_columns(r)[1:] if timed else "")
     )
   models_ = sorted({r["model"] for r in records})
   notes = [
@@ -982,13 +1314,58 @@ def format_table(records: list[dict]) -> str:
     f"+ the epoch's rollouts); 'fits' below {records[0]['headroom'] if records else ''} x HBM, 'tight' below the "
     "HBM. 'saved act. (jaxpr)': one minibatch's backward activations counted on its jaxpr (dtype-exact, any backend)."
   )
+  if timed:
+    chips = sorted(
+      {
+        (r["time"]["chip"]["name"], r["time"]["chip"]["peak_flops"], r["time"]["chip"]["hbm_bandwidth"])
+        for r in records
+        if r.get("time")
+      }
+    )
+    notes.append(
+      "Times are rooflines per chip, not measurements: max(FLOPs / peak bfloat16 FLOP/s, bytes accessed / HBM "
+      "bandwidth) of the TPU compiler's cost analysis ("
+      + "; ".join(f"{name}: {flops / 1e12:g} TFLOP/s, {bw / 1e9:g} GB/s" for name, flops, bw in chips)
+      + "), with the bound that sets each; a sampling call counts its config.sample.num_steps denoising steps, an "
+      "optimiser step its gradient_accumulation_steps minibatches; epoch = sampling calls x call + "
+      "num_inner_epochs x optimiser steps x step (no evaluation, reward or host time); samples/s = samples "
+      "per epoch / epoch, at the configured batches."
+    )
   return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def check_topology_flags(topology: str, target_given: bool, num_devices: int, platform: str) -> list[str]:
+  """The slices of --topology, or app.UsageError naming the flag and the fix (before jax starts)."""
+  if target_given or num_devices or platform != "cpu":
+    raise app.UsageError(
+      "--topology compiles for the slice's own devices: drop --target, --num_devices and --platform "
+      "(or drop --topology to compile on fake CPU devices)."
+    )
+  if not tpu.tpu_compiler_installed():
+    raise app.UsageError(tpu.MISSING_COMPILER)
+  try:
+    return tpu.parse_topologies(topology)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from error
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  if FLAGS.topology is not None:
+    names = check_topology_flags(FLAGS.topology, FLAGS["target"].present, FLAGS.num_devices, FLAGS.platform)
+    import jax
+
+    if "JAX_PLATFORMS" not in os.environ:  # the slices' devices are compile-only: jax's own backend is the CPU's
+      jax.config.update("jax_platforms", "cpu")
+    try:
+      slices = topology_slices(FLAGS.config, names, FLAGS.grid)
+    except ValueError as error:  # an unknown slice or an invalid setting, before anything compiles
+      raise app.UsageError(str(error)) from error
+    args = (FLAGS.grid, FLAGS.compile, FLAGS.search, FLAGS.headroom)
+    _write([r for target, devices in slices for r in run_grid(FLAGS.config, target, devices, *args)], FLAGS.json)
+    return
   targets = list(TARGETS.values()) if FLAGS.target == "all" else [TARGETS[FLAGS.target]]
   if len(targets) > 1 and FLAGS.platform == "native":
     raise app.UsageError("--platform=native measures this machine's devices: name its --target.")
@@ -1000,7 +1377,12 @@ def main(argv):
     records = run_target(
       FLAGS.config, target, num_devices, FLAGS.grid, FLAGS.compile, FLAGS.search, FLAGS.headroom, FLAGS.platform
     )
-  if FLAGS.json:
+  _write(records, FLAGS.json)
+
+
+def _write(records: list[dict], as_json: bool) -> None:
+  """One JSON object per record, or the markdown table."""
+  if as_json:
     for record in records:
       sys.stdout.write(json.dumps(record) + "\n")
   else:
