@@ -203,6 +203,20 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
   # (images/samples_ema_EPOCH.png; needs config.train.ema_decay > 0).
   config.logging.sample_with_ema = False
 
+  config.preflight = ml_collections.ConfigDict()
+  # Before epoch 0, after the steps compile and before the params are placed or anything is
+  # written, compare each phase's peak per device (ddpo_jax/preflight.py) with the device's
+  # memory (TPU and GPU report it; the CPU does not: there the check is skipped). A phase above
+  # headroom x that memory stops the run naming settings measured to fit.
+  config.preflight.enabled = True
+  # Fraction of the device memory a phase may use (the rest: the runtime, fragmentation).
+  config.preflight.headroom = 0.9
+  # Bytes per device to check against instead of the device's own figure (0: the device's).
+  # For tests and what-ifs; set, it also makes the check run on the CPU.
+  config.preflight.device_memory_bytes = 0
+  # Compilations the pre-flight may spend measuring fixes when a step does not fit (0: none).
+  config.preflight.max_compilations = 6
+
   if preset:
     apply_preset(config, preset)
   return config

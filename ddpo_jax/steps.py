@@ -276,6 +276,7 @@ class Steps:
     settings: the training pass's static settings.
     num_updates: optimiser steps per inner epoch.
     negative_tokens: int32 [L], the empty prompt's token ids (CFG's negative prompt).
+    inputs: the abstract arguments the steps were compiled for (what the memory pre-flight counts).
   """
 
   model: models.DiffusionModel
@@ -290,6 +291,7 @@ class Steps:
   settings: update.UpdateSettings
   num_updates: int
   negative_tokens: np.ndarray
+  inputs: AbstractInputs | None = None
 
   def place_frozen(self, params: dict[str, Any]) -> dict[str, Any]:
     """The frozen modules' params {"vae", "text_encoder"} of `params`, replicated on the mesh."""
@@ -402,5 +404,6 @@ def build(
     settings=update_settings(config),
     num_updates=update.num_updates_per_inner_epoch(config),
     negative_tokens=models.tokenize(model, [""])[0],
+    inputs=inputs,
     **compiled,
   )

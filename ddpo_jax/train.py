@@ -30,6 +30,7 @@ from ddpo_jax import methods
 from ddpo_jax import metrics as metrics_lib
 from ddpo_jax import models
 from ddpo_jax import periodic
+from ddpo_jax import preflight
 from ddpo_jax import prompts as prompts_lib
 from ddpo_jax import reporting
 from ddpo_jax import rewards as rewards_lib
@@ -98,11 +99,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, An
     if tracker is not None:
       tracker.load_state(meta["tracker"])
     logging.info("resuming from checkpoint %d (epoch %d done) in %s", step, meta["epoch"], workdir)
+
+  # --- The compiled steps, checked against the devices' memory before anything is written or placed.
+  frozen_params = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
+  run = steps_lib.build(config, model, mesh, layout, frozen_params)
+  preflight.check(config, run, params["unet"], frozen_params)
   if is_main:
     _save_config(config, workdir)
 
-  # --- The compiled steps, the frozen params and the state on the mesh.
-  run = steps_lib.build(config, model, mesh, layout, {"vae": params["vae"], "text_encoder": params["text_encoder"]})
+  # --- The frozen params and the state on the mesh.
   frozen = run.place_frozen(params)
   unet = run.place_unet(params["unet"])
   base = run.base(unet)

@@ -133,6 +133,7 @@ def validate(
     raise ConfigError(problem)
   _check_beyond_ddpo(config, num_processes)
   _check_eval(config, num_processes)
+  _check_preflight(config)
   if config.stat_tracking.per_prompt and not 1 <= config.stat_tracking.min_count <= config.stat_tracking.buffer_size:
     raise ConfigError(
       f"config.stat_tracking.min_count={config.stat_tracking.min_count} must be in "
@@ -183,6 +184,22 @@ def validate(
       )
   if workdir is not None:
     _check_workdir(workdir)
+
+
+def _check_preflight(config: ml_collections.ConfigDict) -> None:
+  """The memory pre-flight's settings."""
+  p = config.preflight
+  if not isinstance(p.enabled, bool):
+    raise ConfigError(f"config.preflight.enabled={p.enabled!r} must be True or False.")
+  if not 0 < p.headroom <= 1:
+    raise ConfigError(
+      f"config.preflight.headroom={p.headroom} must be in (0, 1]: the fraction of the device memory a step may "
+      "use (e.g. 0.9)."
+    )
+  for name in ("device_memory_bytes", "max_compilations"):
+    value = p[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      raise ConfigError(f"config.preflight.{name}={value!r} must be an integer >= 0.")
 
 
 def _check_eval(config: ml_collections.ConfigDict, num_processes: int) -> None:

@@ -144,6 +144,10 @@ INVALID = [
   ({"lora.rank": 4, "lora.alpha": 0.0}, "config.lora.alpha=0.0 must be > 0"),
   ({"lora.rank": 4, "lora.targets": ("to_q(",)}, "config.lora.targets: 'to_q(' is not a valid regex"),
   ({"logging.sample_with_ema": True}, "config.logging.sample_with_ema=True needs EMA params"),
+  ({"preflight.headroom": 0.0}, "config.preflight.headroom=0.0 must be in (0, 1]"),
+  ({"preflight.headroom": 1.5}, "config.preflight.headroom=1.5 must be in (0, 1]"),
+  ({"preflight.device_memory_bytes": -1}, "config.preflight.device_memory_bytes=-1 must be an integer >= 0"),
+  ({"preflight.max_compilations": -2}, "config.preflight.max_compilations=-2 must be an integer >= 0"),
 ]
 
 

@@ -33,6 +33,7 @@ from ddpo_jax.models.diffusion import save
 from ddpo_jax.models.diffusion import tokenize
 from ddpo_jax.models.diffusion import with_attention
 from ddpo_jax.models.diffusion import with_attention_block
+from ddpo_jax.models.diffusion import with_dtype
 from ddpo_jax.models.diffusion import with_vae_scaling_factor
 from ddpo_jax.models.tokenizer import build_tokenizer
 from ddpo_jax.models.unet import unet_params_to_pytorch
@@ -63,5 +64,6 @@ __all__ = [
   "vae_params_to_pytorch",
   "with_attention",
   "with_attention_block",
+  "with_dtype",
   "with_vae_scaling_factor",
 ]

@@ -493,6 +493,17 @@ def with_vae_scaling_factor(model: DiffusionModel, scaling_factor: float) -> Dif
   return dataclasses.replace(model, vae=model.vae.clone(config=config))
 
 
+def with_dtype(model: DiffusionModel, dtype: str) -> DiffusionModel:
+  """The same model computing in `dtype` ("float32" or "bfloat16"), as `load(..., dtype=dtype)` builds it."""
+  compute_dtype = jnp.dtype(dtype)
+  return dataclasses.replace(
+    model,
+    unet=model.unet.clone(dtype=compute_dtype),
+    vae=model.vae.clone(dtype=compute_dtype),
+    text_encoder=model.text_encoder.clone(dtype=compute_dtype),
+  )
+
+
 def with_attention(
   model: DiffusionModel, implementation: str, block_mb: float = 0.0, mesh: jax.sharding.Mesh | None = None
 ) -> DiffusionModel:
