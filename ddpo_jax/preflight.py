@@ -29,7 +29,6 @@ and the transitions per optimiser step):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import time
@@ -41,7 +40,6 @@ from absl import logging
 import jax
 import ml_collections
 
-from ddpo_jax import config_utils
 from ddpo_jax import models
 from ddpo_jax import sharding
 from ddpo_jax import steps as steps_lib
@@ -149,19 +147,11 @@ def phase_sizes(config, model, mesh, layout, jitted, inputs: steps_lib.AbstractI
   """
   plan = planner.Plan(config, model, mesh, layout, jitted, None)
   outputs = planner.sampler_outputs(plan, inputs.sample)
-  rollouts = inputs.make_examples[0]
-  num_batches = config.sample.num_batches_per_epoch
-  out = planner.bytes_per_device(outputs)
-  weights = planner.bytes_per_device(rollouts.weights)
-  # train.py concatenates the calls' outputs: with several calls both copies are live.
-  copies = planner.bytes_per_device(rollouts) - weights if num_batches > 1 else 0
   params = inputs.sample[0]
   return {
     "opt_state": planner.bytes_per_device(layout.state) - planner.bytes_per_device(layout.state.params),
     "frozen_params": planner.bytes_per_device({k: v for k, v in params.items() if k != "unet"}),
-    "sample_outputs": out,
-    "num_batches": num_batches,
-    "epoch_buffers": num_batches * out + copies + weights,
+    **planner.buffer_sizes(outputs, inputs.make_examples[0], config.sample.num_batches_per_epoch),
   }
 
 
@@ -221,13 +211,9 @@ def global_levers(config: ml_collections.ConfigDict, num_devices: int) -> list[t
   return levers
 
 
-def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  return config_utils.override(copy.deepcopy(config), overrides)
-
-
 def is_valid(config: ml_collections.ConfigDict, overrides: dict[str, Any], num_devices: int) -> bool:
   try:
-    validation.validate(with_overrides(config, overrides), None, num_devices, jax.process_count())
+    validation.validate(planner.with_overrides(config, overrides), None, num_devices, jax.process_count())
   except validation.ConfigError:
     return False
   return True
@@ -270,7 +256,7 @@ class Measurer:
     return self._trials[memo]
 
   def _measure(self, lever: str, overrides: dict[str, Any]) -> Trial:
-    config = with_overrides(self.config, overrides)
+    config = planner.with_overrides(self.config, overrides)
     try:
       validation.validate(config, None, jax.device_count(), jax.process_count())
     except validation.ConfigError as e:

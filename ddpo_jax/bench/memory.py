@@ -734,6 +734,20 @@ def training_peak(step: Memory, sizes: dict[str, int]) -> int:
   return step.total + sizes["frozen_params"] + sizes["epoch_buffers"]
 
 
+def buffer_sizes(outputs, rollouts, num_batches: int) -> dict[str, int]:
+  """Bytes per device of one sampling call's `outputs` and of the epoch's buffers: the `num_batches`
+  calls' outputs, their concatenation into `rollouts` (both live when there are several calls) and
+  the rollouts' weights."""
+  out_bytes = bytes_per_device(outputs)
+  weights = bytes_per_device(rollouts.weights)
+  copies = bytes_per_device(rollouts) - weights if num_batches > 1 else 0
+  return {
+    "sample_outputs": out_bytes,
+    "epoch_buffers": num_batches * out_bytes + copies + weights,
+    "num_batches": num_batches,
+  }
+
+
 # Sampler measurements by `sampler_key`: settings that differ in training only share them.
 _SAMPLERS: dict[tuple, tuple] = {}
 
@@ -819,14 +833,7 @@ class Setting:
     args = sampler_args(plan, params, per_device * self.num_devices)
     outputs = sampler_outputs(plan, args)
     num_batches = samples_per_epoch(self.config) // (per_device * self.num_devices)
-    rollouts = epoch_rollouts(plan, outputs, num_batches)
-    out_bytes = bytes_per_device(outputs)
-    copies = bytes_per_device(rollouts) - bytes_per_device(rollouts.weights) if num_batches > 1 else 0
-    sizes = {
-      "sample_outputs": out_bytes,
-      "epoch_buffers": num_batches * out_bytes + copies + bytes_per_device(rollouts.weights),
-      "num_batches": num_batches,
-    }
+    sizes = buffer_sizes(outputs, epoch_rollouts(plan, outputs, num_batches), num_batches)
     if self.compile:
       logging.info("compiling the sampler: %d samples per device ...", per_device)
       memory = compiled_memory(plan.jitted.sample, args)
