@@ -137,6 +137,7 @@ def planner_memory(memory: steps_lib.Memory, args: tuple) -> planner.Memory:
     temp=memory.temporaries,
     compiled_argument=memory.arguments,
     seconds=memory.compile_seconds,
+    refused=memory.out_of_memory.message if memory.out_of_memory else "",
   )
 
 
@@ -488,6 +489,11 @@ def refusal(
   return "\n".join(lines)
 
 
+def refusals(refused: dict[str, steps_lib.OutOfMemory]) -> str:
+  """The compiler's refusals of the run's steps, as one sentence."""
+  return "The compiler refused " + "; ".join(f"the {name} step ({r.message})" for name, r in refused.items())
+
+
 def check(config: ml_collections.ConfigDict, run: steps_lib.Steps, unet_shapes: Any, frozen: Any) -> Peaks | None:
   """Raises ConfigError, naming the settings measured to fit, when a phase of `run` exceeds the devices' memory.
 
@@ -497,18 +503,37 @@ def check(config: ml_collections.ConfigDict, run: steps_lib.Steps, unet_shapes: 
     unet_shapes, frozen: the UNet's params and the frozen {"vae", "text_encoder"} (arrays or
       ShapeDtypeStructs), to lay out and compile other settings.
 
+  A step that the compiler refused for lack of memory (XLA:TPU refuses at compile time;
+  `steps.compile_ahead` returns its Memory with `out_of_memory`) does not fit: its
+  temporaries are the figure the refusal names; with the check off the run stops naming it.
+
   Returns:
     The run's peaks, or None when the check is off or the devices report no memory (the CPU).
   """
   p = config.preflight
+  refused = {name: m.out_of_memory for name, m in run.memory.items() if m.out_of_memory is not None}
   if not p.enabled:
+    if refused:
+      raise validation.ConfigError(
+        f"{refusals(refused)}; config.preflight.enabled=True (the default) measures which settings fit."
+      )
     return None
   limit, source = memory_limit(p.device_memory_bytes, jax.local_devices())
+  named = [r.available for r in refused.values() if r.available]
+  if limit is None and named:
+    limit, source = min(named), "the device memory the compiler's refusal names"
   if limit is None:
+    if refused:
+      raise validation.ConfigError(f"{refusals(refused)}; config.preflight.device_memory_bytes sets the device's.")
     logging.info("pre-flight skipped: %s is unknown (config.preflight.device_memory_bytes sets one)", source)
     return None
   base = run_peaks(config, run)
   allowed = planner.budget(limit, p.headroom)
+  if not base.over(allowed) and refused:  # a device-memory figure above the compiler's own
+    raise validation.ConfigError(
+      f"{refusals(refused)}; the limit checked was {size(allowed)} ({source}): "
+      "lower config.preflight.device_memory_bytes."
+    )
   if not base.over(allowed):
     logging.info(
       "pre-flight: sampling peak %s, training peak %s per device, within %s x %s (%s)",
@@ -529,6 +554,7 @@ def check(config: ml_collections.ConfigDict, run: steps_lib.Steps, unet_shapes: 
   measurer = Measurer(config, run, unet_shapes, frozen, p.max_compilations)
   trials = find_fixes(config, jax.device_count(), base, allowed, measurer.measure)
   logging.info("pre-flight: measured %d settings in %.0f s", len(trials), time.perf_counter() - start)
-  raise validation.ConfigError(
-    refusal(base, limit, source, p.headroom, trials, measurer.compilations, measurer.seconds)
-  )
+  message = refusal(base, limit, source, p.headroom, trials, measurer.compilations, measurer.seconds)
+  if refused:
+    message = f"{refusals(refused)}: its figure is a lower bound.\n{message}"
+  raise validation.ConfigError(message)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
 from typing import Any
 
@@ -83,6 +84,7 @@ class Memory:
   outputs: int
   aliased: int
   compile_seconds: float
+  out_of_memory: OutOfMemory | None = None
 
   @property
   def peak(self) -> int:
@@ -91,16 +93,77 @@ class Memory:
 
   def describe(self) -> str:
     mb = lambda n: f"{n / 2**20:.1f} MB"
+    if self.out_of_memory is not None:
+      return (
+        f"refused by the compiler after {self.compile_seconds:.1f} s: arguments {mb(self.arguments)}, at least "
+        f"{mb(self.temporaries)} of temporaries per device ({self.out_of_memory.message})"
+      )
     return (
       f"arguments {mb(self.arguments)}, temporaries {mb(self.temporaries)}, outputs {mb(self.outputs)} "
       f"({mb(self.aliased)} aliased to arguments) per device; compiled in {self.compile_seconds:.1f} s"
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class OutOfMemory:
+  """The compiler's refusal of a program too big for its device (XLA:TPU checks at compile time).
+
+  required: bytes per device that the message names: the temporaries alone, or the whole
+  program's (`whole_program`); available: the device's bytes it names (None if it names none).
+  """
+
+  required: int
+  available: int | None
+  whole_program: bool
+  message: str
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_NUMBER = r"([\d.]+)\s*([KMGT]?)i?B?"
+# XLA:TPU's two phrasings: "the total memory required for HLO temporaries (16.19G) exceeds
+# available HBM (15.75G)" and "Used 17.46G of 15.75G hbm".
+_OUT_OF_MEMORY = (
+  (re.compile(rf"required for HLO temporaries \({_NUMBER}\) exceeds available \w+ \({_NUMBER}\)"), False),
+  (re.compile(rf"Used {_NUMBER} of {_NUMBER} hbm", re.IGNORECASE), True),
+)
+
+
+def out_of_memory(error: BaseException) -> OutOfMemory | None:
+  """The OutOfMemory that `error` reports, when it is the compiler's refusal for lack of memory; else None."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+    return None
+  for pattern, whole_program in _OUT_OF_MEMORY:
+    match = pattern.search(text)
+    if match:
+      required, available = (float(match.group(i)) * _UNITS[match.group(i + 1)] for i in (1, 3))
+      return OutOfMemory(int(required), int(available), whole_program, text.strip().splitlines()[0][:500])
+  return None
+
+
+def refused_memory(refusal: OutOfMemory, args: tuple, seconds: float) -> Memory:
+  """The Memory of a program the compiler refused: its arguments' bytes per device (from their
+  shardings) and the temporaries the refusal names (a lower bound: the compiler stops counting)."""
+  arguments = sharding.bytes_per_device(args, jax.tree.map(lambda x: x.sharding, args))
+  temporaries = max(refusal.required - arguments, 0) if refusal.whole_program else refusal.required
+  return Memory(arguments, temporaries, 0, 0, seconds, refusal)
+
+
 def compile_ahead(jitted, args: tuple) -> tuple[Any, Memory]:
-  """`jitted` lowered for abstract `args` and compiled, with its memory analysis."""
+  """`jitted` lowered for abstract `args` and compiled, with its memory analysis.
+
+  When the compiler refuses the program for lack of device memory (`out_of_memory`),
+  returns (None, its Memory counted from the refusal: `Memory.out_of_memory` set), so
+  that the memory pre-flight can name the settings that fit; other errors propagate.
+  """
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
+  try:
+    compiled = jitted.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as error:
+    refusal = out_of_memory(error)
+    if refusal is None:
+      raise
+    return None, refused_memory(refusal, args, time.perf_counter() - start)
   seconds = time.perf_counter() - start
   analysis = compiled.memory_analysis()
   field = lambda name: int(getattr(analysis, name, 0) or 0) if analysis is not None else 0
@@ -359,9 +422,20 @@ def prepare(
   mesh: Mesh,
   names: tuple[str, ...] = STEP_NAMES,
 ) -> Steps:
-  """`configure` then `build`: the compiled steps `names` of `config` for params {"unet", "vae", "text_encoder"}."""
+  """`configure` then `build`: the compiled steps `names` of `config` for params {"unet", "vae", "text_encoder"}.
+
+  Raises MemoryError when the compiler refused a step for lack of device memory (the
+  trainer instead lets its memory pre-flight name the settings that fit).
+  """
   config, model, layout = configure(config, model, params["unet"], mesh)
-  return build(config, model, mesh, layout, {"vae": params["vae"], "text_encoder": params["text_encoder"]}, names)
+  steps = build(config, model, mesh, layout, {"vae": params["vae"], "text_encoder": params["text_encoder"]}, names)
+  for name, memory in steps.memory.items():
+    if memory.out_of_memory is not None:
+      raise MemoryError(
+        f"the compiler refused the {name} step: {memory.out_of_memory.message}; "
+        "python -m ddpo_jax.bench memory --platform=native reports the settings that fit."
+      )
+  return steps
 
 
 def build(

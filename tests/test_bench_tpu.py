@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ddpo_jax import config_utils
+from ddpo_jax import steps
 from ddpo_jax.bench import memory
 from ddpo_jax.bench import tpu
 
@@ -72,7 +73,15 @@ def test_epoch_time_from_the_config():
   # 16 samples x 2 kept steps = 32 transitions per inner epoch, 8 x 2 per optimiser step: 2 steps, 3 times.
   assert memory.epoch_composition(config) == (2, 6)
 
-  class Costs:  # a Setting's two cost methods, by hand: a program's cost, its loop body's, the loop's trips
+  class Costs:  # a Setting's cost methods on 4 devices, by hand: a program's cost, its loop body's, the loop's trips
+    num_devices = 4
+
+    def sample(self, per_device):
+      return memory.Memory(0, 0, 0, 0, refused="RESOURCE_EXHAUSTED" if per_device > 2 else ""), {}
+
+    def train(self, per_device):
+      return memory.Memory(0, 0, 0, 0), 0
+
     def sampling_call_cost(self, per_device):
       return tpu.LoopCost(tpu.Cost(1e12 * per_device, 0.5e9), tpu.Cost(0.5e12 * per_device, 0.25e9), 3)
 
@@ -88,6 +97,18 @@ def test_epoch_time_from_the_config():
   assert record["samples_per_second"] == pytest.approx(16 / (2 * call + 6 * step))
   assert record["sampling_call"]["loop_trips"] == 3 and record["sampling_call"]["loop_body"]["flops"] == 1e12
   assert "(compute)" in memory._time_columns({"time": record}) and memory._duration(0.0203) == "20.3 ms"
+
+  # A setting that does not fit as configured is timed at the largest batches that fit: sampling calls of 1 per
+  # device, 4 of them per epoch (16 samples); none when a phase fits at no batch or its program was refused.
+  phases = {"sample": {"batch_per_device": 4}, "train": {"batch_per_device": 2}}
+  fit = {"sample_batch_per_device": 1, "train_batch_per_device": 2}
+  timed = memory.timed_batches_record(config, chip, Costs(), dict(phases, fits=False, largest_fitting=fit))
+  assert (timed["sample_batch_per_device"], timed["sampling_calls_per_epoch"]) == (1, 4)
+  assert timed["sampling_call"]["seconds"] == pytest.approx(2e12 / 197e12)
+  assert timed["epoch_seconds"] == pytest.approx(4 * 2e12 / 197e12 + 6 * step)
+  no_fit = dict(fit, sample_batch_per_device=None)
+  assert memory.timed_batches_record(config, chip, Costs(), dict(phases, fits=False, largest_fitting=no_fit)) is None
+  assert memory.timed_batches_record(config, chip, Costs(), dict(phases, fits=True, largest_fitting=None)) is None
 
 
 def test_topologies_and_chips():
@@ -199,6 +220,24 @@ def test_accumulation_body_lowers_with_the_steps_shardings(v5e_setting):
   lowered = memory.jitted_accumulation_step(plan).trace(*body_args).lower()
   grads_sum, _ = lowered.out_info
   assert jax.tree.structure(grads_sum) == jax.tree.structure(args[0].params)
+
+
+@needs_libtpu
+def test_a_program_too_big_for_the_hbm_is_refused_and_counted(v5e_slice):
+  """The TPU compiler refuses, at compile time, a program whose temporaries exceed a chip's HBM (16 GiB on v5e);
+  steps.compile_ahead and the planner report it as not fitting, with the bytes the refusal names."""
+  target, devices = v5e_slice
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("d",)), jax.sharding.PartitionSpec())
+  x = jax.ShapeDtypeStruct((72 * 1024,), jnp.float32, sharding=replicated)
+  outer_sorted = jax.jit(lambda x: jnp.sort(x[:, None] * x[None, :], axis=1)[:, ::4096])  # 20 GiB, materialised
+  compiled, step_memory = steps.compile_ahead(outer_sorted, (x,))
+  assert compiled is None and step_memory.out_of_memory.available <= target.hbm_bytes
+  assert step_memory.temporaries == step_memory.out_of_memory.required >= 72 * 1024 * 72 * 1024 * 4
+  assert step_memory.arguments == 72 * 1024 * 4
+  planned = memory.compiled_memory(outer_sorted, (x,))
+  assert planned.refused.startswith("RESOURCE_EXHAUSTED") and planned.temp == step_memory.temporaries
+  assert memory.verdict(planned.total, target.hbm_bytes, 0.9) == "does not fit"
+  assert memory._peak({"peak": planned.total, "refused": planned.refused}).startswith("≥ ")
 
 
 @needs_libtpu

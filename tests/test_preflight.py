@@ -1,5 +1,6 @@
 """The memory pre-flight (ddpo_jax/preflight.py): verdicts, fixes, and the trainer stopping before epoch 0."""
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -231,6 +232,49 @@ def test_nothing_more_compiles_when_the_check_is_off_or_fits(tiny_run, monkeypat
   # The planner's count: the sampler's own peak plus the rest of the state; the step's plus the frozen params.
   assert peaks.sampling > run.memory["sample"].peak and peaks.training > run.memory["optimizer_step"].peak
   assert peaks == preflight.run_peaks(resolved, run)
+
+
+def refused(memory, available=16 * GiB):
+  """`memory` as steps.compile_ahead returns it when the compiler refuses the program (XLA:TPU's message)."""
+  message = (
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (24.00G) "
+    f"exceeds available HBM ({available / GiB:.2f}G)."
+  )
+  refusal = steps.out_of_memory(RuntimeError(message))
+  assert refusal == steps.OutOfMemory(24 * GiB, available, False, message)
+  return dataclasses.replace(memory, temporaries=refusal.required, outputs=0, aliased=0, out_of_memory=refusal)
+
+
+def test_the_compilers_refusals_are_read_from_its_two_messages():
+  whole = steps.out_of_memory(
+    RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 17.46G of 15.75G hbm. Exceeded")
+  )
+  assert (whole.required, whole.available, whole.whole_program) == (int(17.46 * GiB), int(15.75 * GiB), True)
+  assert steps.out_of_memory(RuntimeError("INVALID_ARGUMENT: shapes")) is None
+  assert steps.out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: no figure")) is None
+
+
+def test_a_step_the_compiler_refused_stops_the_run_naming_it(tiny_run):
+  """On a TPU the compiler itself refuses a step too big for the HBM (steps.compile_ahead then returns its Memory
+  with `out_of_memory`): the pre-flight counts the refusal's figure, on the limit the refusal names where the
+  device reports none, and stops the run; with the check off, it stops the run too, naming the check."""
+  config, params, run, _, _, _ = tiny_run
+  frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
+  memory = dict(run.memory, optimizer_step=refused(run.memory["optimizer_step"]))
+  over = dataclasses.replace(run, memory=memory)
+  resolved = config_utils.resolve_auto(config, "cpu")
+  on_cpu = config_utils.override(
+    resolved.copy_and_resolve_references(), {"preflight.device_memory_bytes": 0, "preflight.max_compilations": 0}
+  )
+  with pytest.raises(validation.ConfigError) as error:
+    preflight.check(on_cpu, over, params["unet"], frozen)
+  message = str(error.value)
+  assert message.startswith("The compiler refused the optimizer_step step (RESOURCE_EXHAUSTED: Ran out of memory")
+  assert "the limit is config.preflight.headroom=0.9 x 16.00 GiB (the device memory the compiler's refusal" in message
+  assert "the training phase needs 24." in message and "--config.train.batch_size=" in message
+  off = config_utils.override(on_cpu.copy_and_resolve_references(), {"preflight.enabled": False})
+  with pytest.raises(validation.ConfigError, match=r"refused the optimizer_step step .*preflight.enabled=True"):
+    preflight.check(off, over, params["unet"], frozen)
 
 
 def snapshot(folder):

@@ -87,6 +87,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ddpo_jax.bench import gpu as gpu_lib
 from ddpo_jax.bench import tpu
 
 GiB = 2**30
@@ -123,6 +124,14 @@ CPU_XLA_FLAGS = ("--xla_disable_hlo_passes=cse_barrier_expander",)
 ROUGH_SAMPLER_FACTOR = 1.3
 
 FLAGS = flags.FLAGS
+GRIDS = {
+  "paper": "the config in float32 and bfloat16, remat off and on, fsdp 1 and all devices",
+  "finetuning": "the config in bfloat16 and float32, full fine-tuning and LoRA (rank 4), remat on and off, on "
+  "the config's mesh",
+  "config": "the config's own",
+}
+# The LoRA rank of the "finetuning" grid (the pre-flight's lever: preflight.LORA_RANK).
+GRID_LORA_RANK = 4
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -145,14 +154,22 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     "v5e:2x4,v4:2x2x1,v6e:2x4; replaces --target, and adds each call's roofline time and the epoch's.",
     flag_values=flag_values,
   )
+  flags.DEFINE_string(
+    "gpu",
+    None,
+    "GPUs of one host to compile for with XLA:GPU, without a GPU (needs jax's CUDA plugin: pip install "
+    f"'jax[cuda12]'), comma-separated NAME[:COUNT] of {', '.join(gpu_lib.GPUS)}, e.g. h100-80gb:8; replaces "
+    "--target. Memory only: XLA:GPU gives no cost analysis without a device.",
+    flag_values=flag_values,
+  )
   flags.DEFINE_integer(
     "num_devices", 0, "Devices of the mesh; 0: the target's (v4-8: 4, v5e-8: 8, gpu-80gb: 1).", flag_values=flag_values
   )
   flags.DEFINE_enum(
     "grid",
     "paper",
-    ["paper", "config"],
-    "paper: the config in float32 and bfloat16, remat off and on, fsdp 1 and all devices; config: the config's own.",
+    list(GRIDS),
+    "; ".join(f"{name}: {what}" for name, what in GRIDS.items()),
     flag_values=flag_values,
   )
   flags.DEFINE_bool(
@@ -267,16 +284,24 @@ def with_overrides(config, overrides: dict[str, Any]):
 
 
 def grid_overrides(config, num_devices: int, grid: str) -> list[dict[str, Any]]:
-  """The settings to report on `num_devices` devices.
+  """The settings to report on `num_devices` devices (GRIDS).
 
   paper: float32 / bfloat16 x remat off / on x fsdp 1 / all devices;
+  finetuning: bfloat16 / float32 x full / LoRA x remat on / off, on the config's mesh;
   config: the config's own (its mesh resolved on these devices).
   """
   from ddpo_jax import sharding
 
+  data, fsdp = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
   if grid == "config":
-    data, fsdp = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
     return [{"mesh.data": data, "mesh.fsdp": fsdp}]
+  if grid == "finetuning":  # the likeliest to fit first: settings sharing a dtype share one sampler compilation
+    return [
+      {"model.dtype": dtype, "train.remat": remat, "lora.rank": rank, "mesh.data": data, "mesh.fsdp": fsdp}
+      for dtype in ("bfloat16", "float32")
+      for rank in (0, GRID_LORA_RANK)
+      for remat in (True, False)
+    ]
   fsdps = [1] if num_devices == 1 else [1, num_devices]
   return [
     {"model.dtype": dtype, "train.remat": remat, "mesh.data": num_devices // fsdp, "mesh.fsdp": fsdp}
@@ -332,6 +357,8 @@ class Memory:
   compiled_argument: int = 0
   seconds: float = 0.0
   cost: Any = None  # tpu.Cost of the compiled program (cost_analysis: loop bodies counted once); None if not compiled
+  # The compiler's refusal for lack of device memory (XLA:TPU's); `temp` is then the lower bound it names.
+  refused: str = ""
 
   @property
   def total(self) -> int:
@@ -487,9 +514,26 @@ def step_args(plan, params, rollouts) -> tuple:
 
 def compiled_memory(jitted, args) -> Memory:
   """Lowers and compiles `jitted` for abstract `args`; its memory_analysis and cost (`compiled_cost`) per device."""
+  from ddpo_jax import steps
+
   start = time.perf_counter()
   traced = jitted.trace(*args)
-  compiled = traced.lower().compile()
+  try:
+    compiled = traced.lower().compile()
+  except Exception as error:  # jax.errors.JaxRuntimeError; anything else propagates below
+    refusal = steps.out_of_memory(error)
+    if refusal is None:
+      raise
+    refused = steps.refused_memory(refusal, args, time.perf_counter() - start)
+    logging.info("  refused by the compiler: %s", refusal.message)
+    return Memory(
+      argument=bytes_per_device(args),
+      output=0,
+      alias=0,
+      temp=refused.temporaries,
+      seconds=refused.compile_seconds,
+      refused=refusal.message,
+    )
   seconds = time.perf_counter() - start
   stats = compiled.memory_analysis()
   return Memory(
@@ -910,13 +954,13 @@ class Setting:
     return self._costs[key]
 
   def optimizer_step_cost(self, per_device: int):
-    """The tpu.LoopCost per device of one optimiser step of config.train.gradient_accumulation_steps minibatches
-    of `per_device` transitions: the compiled step's (one minibatch, see `measuring_config`) and one minibatch's
-    accumulation body, compiled alone."""
+    """The tpu.LoopCost per device of one optimiser step of the config's transitions per update in minibatches
+    of `per_device` transitions per device: the compiled step's (one minibatch, see `measuring_config`) and one
+    minibatch's accumulation body, compiled alone."""
     key = ("train", per_device)
     if key not in self._costs:
       memory, _ = self.train(per_device)
-      trips, body = self.config.train.gradient_accumulation_steps, tpu.Cost(0.0, 0.0)
+      trips, body = transitions_per_update(self.config) // (per_device * self.num_devices), tpu.Cost(0.0, 0.0)
       if trips > 1:
         plan, args = self._step_inputs(per_device)
         logging.info("compiling the optimiser step's accumulation body alone: %d transitions per device", per_device)
@@ -966,6 +1010,7 @@ def measure(
     "mesh": dict(zip(("data", "fsdp"), setting.plan(train0)[0].mesh.devices.shape)),
     "dtype": config.model.dtype,
     "remat": bool(config.train.remat),
+    "lora_rank": int(config.lora.rank),
     "bytes_per_device": {
       k: sizes[k]
       for k in ("unet_params", "opt_state", "base_params", "frozen_params", "sample_outputs", "epoch_buffers")
@@ -984,11 +1029,27 @@ def measure(
     "verdict": verdict(peak, target.hbm_bytes, headroom),
     "fits": peak <= limit,
     "largest_fitting": None,
-    "time": time_record(config, target.chip, setting, sample0, train0) if compile_ and target.chip else None,
+    "time": None,
   }
   if search and peak > limit:
     record["largest_fitting"] = _search(setting, config, sizes, sample0, train0, limit)
+  if compile_ and target.chip:
+    record["time"] = timed_batches_record(config, target.chip, setting, record)
   return record
+
+
+def timed_batches_record(config, chip, setting: Setting, record: dict) -> dict[str, Any] | None:
+  """The rooflines (`time_record`) at the batches a run would use: the config's when they fit, else the largest
+  that fit (`largest_fitting`); None when a phase fits at no batch or a program was refused."""
+  sample_per_device, train_per_device = record["sample"]["batch_per_device"], record["train"]["batch_per_device"]
+  fit = record["largest_fitting"]
+  if not record["fits"]:
+    if not fit or not fit["sample_batch_per_device"] or not fit["train_batch_per_device"]:
+      return None
+    sample_per_device, train_per_device = fit["sample_batch_per_device"], fit["train_batch_per_device"]
+  if setting.sample(sample_per_device)[0].refused or setting.train(train_per_device)[0].refused:
+    return None
+  return time_record(config, chip, setting, sample_per_device, train_per_device)
 
 
 def epoch_composition(config) -> tuple[int, int]:
@@ -1022,10 +1083,13 @@ def time_record(config, chip, setting: Setting, sample_per_device: int, train_pe
   estimated time (its sampling calls and optimiser steps one after another) and samples per second."""
   sampling = _roofline_record(setting.sampling_call_cost(sample_per_device), chip)
   step = _roofline_record(setting.optimizer_step_cost(train_per_device), chip)
-  calls, steps_ = epoch_composition(config)
+  _, steps_ = epoch_composition(config)
+  calls = samples_per_epoch(config) // (sample_per_device * setting.num_devices)
   epoch = tpu.epoch_seconds(sampling["seconds"], calls, step["seconds"], steps_)
   return {
     "chip": dataclasses.asdict(chip),
+    "sample_batch_per_device": sample_per_device,
+    "train_batch_per_device": train_per_device,
     "sampling_call": sampling,
     "optimizer_step": step,
     "sampling_calls_per_epoch": calls,
@@ -1046,6 +1110,8 @@ def _phase_record(memory: Memory, per_device: int, num_devices: int, peak: int) 
     "temp": memory.temp,
     "peak": peak,
     "compile_seconds": round(memory.seconds, 1),
+    # The compiler's refusal for lack of memory ("" when it compiled): `temp` and `peak` are then lower bounds.
+    "refused": memory.refused,
   }
 
 
@@ -1144,10 +1210,11 @@ def run_grid(
   compile_: bool = True,
   search: bool = True,
   headroom: float = 0.9,
+  on_record: Callable[[dict], None] | None = None,
 ) -> list[dict]:
   """Reports of every setting of `grid` on `devices` (the target's), their "auto" settings resolved for the
   devices' platform; on TPU devices of a known chip (a topology's, or this machine's with --platform=native),
-  with the rooflines."""
+  with the rooflines. on_record: called with each report as it is made."""
   backend = devices[0].platform
   if target.chip is None and backend == "tpu":
     target = dataclasses.replace(target, chip=tpu.chip_for(devices[0].device_kind, target.topology))
@@ -1158,6 +1225,8 @@ def run_grid(
     record = measure(setting, target, devices, compile_, search, headroom, backend)
     record["seconds"] = round(time.perf_counter() - start, 1)
     records.append(record)
+    if on_record is not None:
+      on_record(record)
   return records
 
 
@@ -1240,6 +1309,11 @@ ESTIMATE_NOTES = {
     "the TPU compiler's (libtpu's) buffer assignment for the slice's mesh, compiled on this machine for the "
     "slice's compile-only devices (nothing ran), config.model.attention and accumulation resolved for the TPU"
   ),
+  "XLA:GPU compiled": (
+    "XLA:GPU's buffer assignment for the host's GPUs, compiled on this machine for compile-only devices (nothing "
+    "ran, no autotuning), config.model.attention resolved for the GPU (cuDNN); no times: XLA:GPU gives no cost "
+    "analysis without a device"
+  ),
   "analytical (rough activations)": (
     "nothing compiled: training step = its arguments + 2 x the gradients + the jaxpr's saved activations; "
     f"sampler = its arguments and outputs + {ROUGH_SAMPLER_FACTOR} x its largest intermediate (rough)"
@@ -1257,6 +1331,16 @@ def _fitting(record: dict) -> str:
   return f"{fit['sample_batch_per_device'] or 'none'}, {train or 'none'}" + (
     f" ({fit['gradient_accumulation_steps']})" if train else ""
   )
+
+
+def _trained(record: dict) -> str:
+  rank = record.get("lora_rank", 0)
+  return f"LoRA r{rank}" if rank else "full"
+
+
+def _peak(phase: dict) -> str:
+  """A phase's peak; "≥" where the compiler refused the program (its figure is a lower bound)."""
+  return ("≥ " if phase.get("refused") else "") + _size(phase["peak"])
 
 
 def _seconds(phase: dict) -> str:
@@ -1288,7 +1372,7 @@ def format_table(records: list[dict]) -> str:
   """A markdown table of the records (bytes per device) and its notes."""
   timed = any(r.get("time") for r in records)
   header = (
-    "| target | mesh data×fsdp | dtype | remat | UNet params + opt | frozen params | rollouts "
+    "| target | mesh data×fsdp | trained | dtype | remat | UNet params + opt | frozen params | rollouts "
     "| sampling peak (samples) | training peak (transitions) | saved act. (jaxpr) | HBM | verdict "
     "| fits at samples, transitions (accum.) | compile s: sampler, step |"
   )
@@ -1298,12 +1382,13 @@ def format_table(records: list[dict]) -> str:
   for r in records:
     b, s, t = r["bytes_per_device"], r["sample"], r["train"]
     lines.append(
-      f"| {r['target']} | {r['mesh']['data']}×{r['mesh']['fsdp']} | {r['dtype']} | {'on' if r['remat'] else 'off'} "
+      f"| {r['target']} | {r['mesh']['data']}×{r['mesh']['fsdp']} | {_trained(r)} | {r['dtype']} "
+      f"| {'on' if r['remat'] else 'off'} "
       f"| {_size(b['unet_params'])} + {_size(b['opt_state'])}"
       + (f" + base {_size(b['base_params'])}" if b.get("base_params") else "")
       + f" | {_size(b['frozen_params'])} "
       f"| {_size(b['epoch_buffers'])} "
-      f"| {_size(s['peak'])} ({s['batch_per_device']}) | {_size(t['peak'])} ({t['batch_per_device']}) "
+      f"| {_peak(s)} ({s['batch_per_device']}) | {_peak(t)} ({t['batch_per_device']}) "
       f"| {_size(t['saved_activations'])} | {_size(r['hbm_bytes'])} | {r['verdict']} | {_fitting(r)} "
       f"| {_seconds(s)}, {_seconds(t)} |" + (_time_columns(r)[1:] if timed else "")
     )
@@ -1319,7 +1404,8 @@ def format_table(records: list[dict]) -> str:
   notes.append(
     "Peak = max(sampling: sampler call + optimizer state + earlier calls' outputs; training: step + frozen params "
     f"+ the epoch's rollouts); 'fits' below {records[0]['headroom'] if records else ''} x HBM, 'tight' below the "
-    "HBM. 'saved act. (jaxpr)': one minibatch's backward activations counted on its jaxpr (dtype-exact, any backend)."
+    "HBM; '≥': the TPU compiler refused the program for lack of HBM, the figure its message names. 'saved act. "
+    "(jaxpr)': one minibatch's backward activations counted on its jaxpr (dtype-exact, any backend)."
   )
   if timed:
     chips = sorted(
@@ -1334,11 +1420,33 @@ def format_table(records: list[dict]) -> str:
       "bandwidth) of the TPU compiler's cost analysis ("
       + "; ".join(f"{name}: {flops / 1e12:g} TFLOP/s, {bw / 1e9:g} GB/s" for name, flops, bw in chips)
       + "), with the bound that sets each; a sampling call counts its config.sample.num_steps denoising steps, an "
-      "optimiser step its gradient_accumulation_steps minibatches; epoch = sampling calls x call + "
+      "optimiser step its minibatches (the config's transitions per update); epoch = sampling calls x call + "
       "num_inner_epochs x optimiser steps x step (no evaluation, reward or host time); samples/s = samples "
-      "per epoch / epoch, at the configured batches."
+      "per epoch / epoch; at the configured batches where they fit, else at the largest that fit."
     )
   return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def gpu_target(gpu: gpu_lib.Gpu, devices) -> Target:
+  """The Target of `devices`, compile-only GPUs of `gpu`."""
+  return Target(
+    name=f"{gpu.name}:{len(devices)}",
+    num_devices=len(devices),
+    hbm_bytes=gpu.memory_bytes,
+    description=f"{len(devices)} x {gpu.description} ({gpu.memory_bytes / GiB:.1f} GiB) on one host (GPU compiler)",
+    topology=f"{gpu.name}:{len(devices)}",
+  )
+
+
+def gpu_hosts(config, value: str, grid: str) -> list[tuple[Target, list]]:
+  """(Target, compile-only devices) of each host of --gpu, every setting of `grid` checked first (ValueError
+  naming --gpu or the setting before anything compiles)."""
+  hosts = []
+  for gpu, count in gpu_lib.parse_gpus(value):
+    grid_configs(config, count, grid, "gpu")
+    devices = gpu_lib.gpu_devices(gpu, count)
+    hosts.append((gpu_target(gpu, devices), devices))
+  return hosts
 
 
 def check_topology_flags(topology: str, target_given: bool, num_devices: int, platform: str) -> list[str]:
@@ -1360,6 +1468,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  if FLAGS.gpu is not None:
+    if FLAGS.topology is not None or FLAGS["target"].present or FLAGS.num_devices or FLAGS.platform != "cpu":
+      raise app.UsageError(
+        "--gpu compiles for its own devices: drop --topology, --target, --num_devices and --platform."
+      )
+    import jax
+
+    if "JAX_PLATFORMS" not in os.environ:  # compile-only GPUs: jax's own backend is the CPU's
+      jax.config.update("jax_platforms", "cpu")
+    try:
+      hosts = gpu_hosts(FLAGS.config, FLAGS.gpu, FLAGS.grid)
+    except ValueError as error:
+      raise app.UsageError(str(error)) from error
+    _run_slices(hosts)
+    return
   if FLAGS.topology is not None:
     names = check_topology_flags(FLAGS.topology, FLAGS["target"].present, FLAGS.num_devices, FLAGS.platform)
     import jax
@@ -1370,8 +1493,7 @@ def main(argv):
       slices = topology_slices(FLAGS.config, names, FLAGS.grid)
     except ValueError as error:  # an unknown slice or an invalid setting, before anything compiles
       raise app.UsageError(str(error)) from error
-    args = (FLAGS.grid, FLAGS.compile, FLAGS.search, FLAGS.headroom)
-    _write([r for target, devices in slices for r in run_grid(FLAGS.config, target, devices, *args)], FLAGS.json)
+    _run_slices(slices)
     return
   targets = list(TARGETS.values()) if FLAGS.target == "all" else [TARGETS[FLAGS.target]]
   if len(targets) > 1 and FLAGS.platform == "native":
@@ -1385,6 +1507,16 @@ def main(argv):
       FLAGS.config, target, num_devices, FLAGS.grid, FLAGS.compile, FLAGS.search, FLAGS.headroom, FLAGS.platform
     )
   _write(records, FLAGS.json)
+
+
+def _run_slices(slices: list[tuple[Target, list]]) -> None:
+  """Runs the grid on each (Target, compile-only devices) and writes the reports; with --json each as it is made
+  (a slice's grid takes minutes to hours)."""
+  args = (FLAGS.grid, FLAGS.compile, FLAGS.search, FLAGS.headroom)
+  on_record = (lambda record: _write([record], True)) if FLAGS.json else None
+  records = [r for target, devices in slices for r in run_grid(FLAGS.config, target, devices, *args, on_record)]
+  if not FLAGS.json:
+    _write(records, False)
 
 
 def _write(records: list[dict], as_json: bool) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import re
 from typing import Any
 from typing import Sequence
@@ -140,11 +141,19 @@ def topology_devices(name: str) -> list:
   """
   from jax.experimental import topologies
 
+  # libtpu takes a lockfile that keeps a second process off a machine's chips; compiling for
+  # compile-only devices opens no chip, so planners may run side by side (and beside a run).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   chip = CHIPS.get(TOPOLOGY_GENERATIONS.get(generation(name), ""))
   options = {"chip_config_name": "megacore"} if chip is not None and chip.cores > 1 else {}
   try:
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **options).devices)
   except Exception as error:  # jax raises RuntimeError/JaxRuntimeError/ValueError for unknown slices
+    if "lockfile" in str(error):
+      raise ValueError(
+        f"--topology={name}: another process holds libtpu ({error}); set ALLOW_MULTIPLE_LIBTPU_LOAD=1, or run "
+        "one at a time."
+      ) from error
     raise ValueError(
       f"--topology: the TPU compiler does not know the slice {name!r} ({error}); "
       "give GENERATION:SHAPE such as 'v5e:2x4', 'v4:2x2x1', 'v5p:2x2x1' or 'v6e:2x4'."
