@@ -44,6 +44,20 @@ def test_plain_rewards_pass_through():
   assert scored.valid.all() and scored.parts == {} and scored.problem == ""
 
 
+def test_a_reward_cannot_write_into_the_images_it_scores():
+  """Training (on several hosts, a concatenation of shards) and evaluation hand rewards writable arrays."""
+  images = IMAGES.copy()
+
+  def blanking(images, prompts):
+    images[...] = 255
+    return np.zeros(len(images), np.float32)
+
+  with pytest.raises(rewards.RewardError, match="read-only"):
+    rewards.score_batch("blanking", blanking, images, PROMPTS)
+  np.testing.assert_array_equal(images, IMAGES)
+  assert images.flags.writeable  # the caller's array is left as it was
+
+
 def test_weighted_sum_and_its_parts():
   fn = rewards.make(
     "weighted",

@@ -121,6 +121,9 @@ def score_batch(
 ) -> ScoredBatch:
   """Runs `reward_fn` on a batch and checks what it returns.
 
+  The reward gets a read-only view of `images` (uint8 [B, H, W, 3]): the same array goes on to other rewards,
+  the diversity and the grids, so a reward that writes into it raises instead of changing what they see.
+
   Args:
     on_invalid: "raise": any exception, wrong shape or non-finite value raises
       RewardError naming the reward and the prompt; "drop": the samples
@@ -129,6 +132,9 @@ def score_batch(
   """
   if on_invalid not in ON_INVALID:
     raise ValueError(f"on_invalid={on_invalid!r}: choose one of {ON_INVALID}")
+  # np.asarray of a one-process jax.Array is read-only already; a concatenation of batches or shards is not.
+  images = np.asarray(images).view()
+  images.flags.writeable = False
   batch = len(images)
   first = repr(prompts[0]) if len(prompts) else "<no prompts>"
   try:
