@@ -8,6 +8,9 @@ also runs outside the repository with ddpo_jax installed.
 Any setting can be overridden: --config.train.learning_rate=3e-4. Running the
 same command again with the same --workdir resumes from its latest checkpoint.
 On a multi-host TPU slice every worker runs the same command.
+
+An invalid setting, or a --workdir that another run is using, stops the command before anything loads:
+the message alone on stderr, exit status 2.
 """
 
 import sys
@@ -36,6 +39,8 @@ flags.mark_flags_as_required(["config"])
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint.
 PREEMPTED_EXIT_CODE = 143
+# Exit status of a run refused before it starts: an invalid setting or a workdir in use (message on stderr).
+CONFIG_ERROR_EXIT_CODE = 2
 
 
 def _quiet_orbax(record) -> bool:
@@ -67,9 +72,16 @@ def main(argv):
   quiet_third_party_deprecations()
   from ddpo_jax import sharding  # imports jax: after flags, before any jax use
   from ddpo_jax import train
+  from ddpo_jax import validation
+  from ddpo_jax import workdir_lock
 
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (validation.ConfigError, workdir_lock.WorkdirInUse) as error:
+    # The message names the setting and the fix; a traceback would only bury it.
+    print(error, file=sys.stderr)
+    sys.exit(CONFIG_ERROR_EXIT_CODE)
   if summary.get("preempted"):
     sys.exit(PREEMPTED_EXIT_CODE)
 

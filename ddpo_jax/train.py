@@ -10,6 +10,7 @@ are `steps`, the method (examples, loss, trajectory weights) is a record of
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import time
 from typing import Any
@@ -39,6 +40,7 @@ from ddpo_jax import steps as steps_lib
 from ddpo_jax import train_state
 from ddpo_jax import update
 from ddpo_jax import validation
+from ddpo_jax import workdir_lock
 
 # fold_in offset of the inner epochs' keys (batches of an epoch fold in 0, 1, ...).
 INNER_EPOCH_FOLD = 10_000
@@ -57,10 +59,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, Any], train_state.TrainState]:
-  """`train_and_evaluate` that also returns the final train state."""
-  # --- Settings, checked before anything loads or compiles.
+  """`train_and_evaluate` that also returns the final train state.
+
+  Raises validation.ConfigError for an invalid setting and workdir_lock.WorkdirInUse while another run
+  uses `workdir`, both before anything loads, compiles or is written.
+  """
+  # --- Settings, checked before anything loads or compiles; then the workdir is this run's alone.
   config = config_utils.resolve_auto(config, jax.default_backend())
   validation.validate(config, workdir, jax.device_count(), jax.process_count())
+  with workdir_lock.acquire(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+    return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, Any], train_state.TrainState]:
+  """`train` with a validated config and the workdir locked."""
   is_main = jax.process_index() == 0
   method = methods.get(config.train.method)
   reward_fn = rewards_lib.make(config.reward.name, **config.reward.kwargs.to_dict())

@@ -5,12 +5,15 @@ Every error names the setting and the fix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+import math
 import os
 import re
 import tempfile
 
 import jax
 import ml_collections
+import numpy as np
 
 from ddpo_jax import advantages
 from ddpo_jax import config_utils
@@ -58,6 +61,32 @@ def _check_workdir(workdir: str) -> None:
     raise ConfigError(f"--workdir={workdir!r} cannot be written ({e}); choose a writable folder.") from e
 
 
+def _check_finite(value, setting: str = "config") -> None:
+  """Every float under `value` (a ConfigDict, a mapping, a list or tuple, or a number) must be finite.
+
+  NaN passes every range check written as a comparison (`nan <= 0` is False) and ±inf many, so this runs first.
+  """
+  if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+    for key, item in value.items():
+      _check_finite(item, f"{setting}.{key}")
+  elif isinstance(value, (list, tuple)):
+    for i, item in enumerate(value):
+      _check_finite(item, f"{setting}[{i}]")
+  elif isinstance(value, (float, np.floating)) and not math.isfinite(value):
+    raise ConfigError(f"{setting}={value}: must be a finite number.")
+
+
+def _check_seed(setting: str, seed) -> None:
+  # jax.random.PRNGKey keeps a seed's low 32 bits (2**32 gives the key of 0) and numpy refuses negative seeds.
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+    raise ConfigError(f"{setting}={seed!r} must be an integer in [0, 2**32); e.g. 0.")
+
+
+def _check_positive_int(setting: str, value, why: str = "") -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ConfigError(f"{setting}={value!r} must be an integer >= 1{why}.")
+
+
 # config.train.advantages values.
 ADVANTAGES = ("stat_tracking", "group")
 
@@ -74,7 +103,9 @@ def validate(
   backend: the platform the run compiles for ("cpu", "gpu", "tpu"; None: jax's default backend), against which
   config.model.attention is checked.
   """
+  _check_finite(config)
   s, t = config.sample, config.train
+  _check_seed("config.seed", config.seed)
   if config.num_epochs < 1:
     raise ConfigError(f"config.num_epochs={config.num_epochs} must be >= 1.")
   try:
@@ -128,6 +159,7 @@ def validate(
   ):
     if not value > 0:
       raise ConfigError(f"config.{name}={value} must be > 0.")
+  _check_optimizer(t)
   problem = methods.get(t.method).check_config(config)
   if problem:
     raise ConfigError(problem)
@@ -164,6 +196,12 @@ def validate(
       f"config.mesh.min_sharded_fraction={config.mesh.min_sharded_fraction} must be in [0, 1] (0: no check)."
     )
   _check_factory("reward", "config.reward.name", config.reward.name, rewards.registered())
+  _check_positive_int("config.reward.num_threads", config.reward.num_threads, " (host threads computing rewards)")
+  _check_positive_int(
+    "config.logging.num_images",
+    config.logging.num_images,
+    " (samples per grid; config.logging.images_every_epochs=0 writes no training grids)",
+  )
   if config.reward.on_invalid not in rewards.ON_INVALID:
     raise ConfigError(f"config.reward.on_invalid={config.reward.on_invalid!r}: choose one of {rewards.ON_INVALID}.")
   if config.reward.name == "weighted":
@@ -184,6 +222,17 @@ def validate(
       )
   if workdir is not None:
     _check_workdir(workdir)
+
+
+def _check_optimizer(t: ml_collections.ConfigDict) -> None:
+  """AdamW's settings besides the learning rate (config.train)."""
+  for name in ("adam_beta1", "adam_beta2"):
+    if not 0 <= t[name] < 1:
+      raise ConfigError(f"config.train.{name}={t[name]} must be in [0, 1) (the paper: beta1 0.9, beta2 0.999).")
+  if not t.adam_eps > 0:
+    raise ConfigError(f"config.train.adam_eps={t.adam_eps} must be > 0 (e.g. 1e-8).")
+  if not t.weight_decay >= 0:
+    raise ConfigError(f"config.train.weight_decay={t.weight_decay} must be >= 0 (0: none; the paper: 1e-4).")
 
 
 def _check_preflight(config: ml_collections.ConfigDict) -> None:
@@ -209,6 +258,7 @@ def _check_eval(config: ml_collections.ConfigDict, num_processes: int) -> None:
     raise ConfigError(f"config.eval.every_epochs={e.every_epochs!r} must be an integer >= 0 (0: no evaluation).")
   if not e.every_epochs:
     return
+  _check_seed("config.eval.seed", e.seed)
   _check_factory("prompt function", "config.eval.prompt.name", e.prompt.name, prompts.registered())
   if e.num_samples < 1 or e.num_samples % batch_size:
     raise ConfigError(

@@ -1,7 +1,12 @@
 """Every invalid setting is refused by name, before anything compiles."""
 
+import math
 import os
+import subprocess
+import sys
+import time
 
+import ml_collections
 import pytest
 
 from ddpo_jax import config_utils
@@ -109,27 +114,31 @@ def test_unknown_preset():
     config_utils.get_config("configs/compress.py:huge")
 
 
-def test_main_refuses_before_loading(tmp_path):
-  """The command line reports a bad setting without compiling or downloading."""
-  import subprocess
-  import sys
-
+@pytest.mark.parametrize(
+  "override,message",
+  [
+    ("--config.train.timestep_fraction=2.0", "config.train.timestep_fraction=2.0 must be in (0, 1]"),
+    ("--config.seed=-1", "config.seed=-1 must be an integer in [0, 2**32)"),
+  ],
+)
+def test_main_refuses_before_loading(override, message, tmp_path):
+  """The command line reports a bad setting alone (no traceback), with exit status 2, without compiling or
+  downloading: nothing is written into the workdir."""
+  workdir = tmp_path / "run"
+  start = time.time()
   result = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "ddpo_jax.main",
-      "--config=configs/compress.py:tiny",
-      f"--workdir={tmp_path}",
-      "--config.train.timestep_fraction=2.0",
-    ],
+    [sys.executable, "-m", "ddpo_jax.main", "--config=configs/compress.py:tiny", f"--workdir={workdir}", override],
     capture_output=True,
     text=True,
     timeout=120,
     cwd=os.path.dirname(os.path.dirname(__file__)),
   )
-  assert result.returncode != 0
-  assert "config.train.timestep_fraction=2.0 must be in (0, 1]" in result.stderr
+  seconds = time.time() - start
+  assert result.returncode == 2, result.stderr
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(workdir / "config.json")
+  assert seconds < 60  # the imports only: the model is neither loaded nor compiled
 
 
 INVALID = [
@@ -148,6 +157,17 @@ INVALID = [
   ({"preflight.headroom": 1.5}, "config.preflight.headroom=1.5 must be in (0, 1]"),
   ({"preflight.device_memory_bytes": -1}, "config.preflight.device_memory_bytes=-1 must be an integer >= 0"),
   ({"preflight.max_compilations": -2}, "config.preflight.max_compilations=-2 must be an integer >= 0"),
+  ({"seed": -1}, "config.seed=-1 must be an integer in [0, 2**32)"),
+  ({"seed": 2**32}, "config.seed=4294967296 must be an integer in [0, 2**32)"),
+  ({"eval.seed": -1}, "config.eval.seed=-1 must be an integer in [0, 2**32)"),
+  ({"logging.num_images": 0}, "config.logging.num_images=0 must be an integer >= 1"),
+  ({"logging.num_images": -1}, "config.logging.num_images=-1 must be an integer >= 1"),
+  ({"reward.num_threads": 0}, "config.reward.num_threads=0 must be an integer >= 1"),
+  ({"train.adam_beta1": 1.5}, "config.train.adam_beta1=1.5 must be in [0, 1)"),
+  ({"train.adam_beta2": 1.0}, "config.train.adam_beta2=1.0 must be in [0, 1)"),
+  ({"train.adam_beta1": -0.1}, "config.train.adam_beta1=-0.1 must be in [0, 1)"),
+  ({"train.adam_eps": 0.0}, "config.train.adam_eps=0.0 must be > 0"),
+  ({"train.weight_decay": -1.0}, "config.train.weight_decay=-1.0 must be >= 0"),
 ]
 
 
@@ -164,3 +184,40 @@ def test_groups_must_not_straddle_processes():
   validation.validate(config, None, num_devices=8, num_processes=4)  # 8 samples per process
   with pytest.raises(validation.ConfigError, match="no group straddles two processes"):
     validation.validate(config, None, num_devices=8, num_processes=8)
+
+
+def float_settings(node: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
+  """The dotted names of every float setting under `node`."""
+  names = []
+  for key, value in node.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      names += float_settings(value, f"{prefix}.{key}")
+    elif isinstance(value, float):
+      names.append(f"{prefix}.{key}")
+  return names
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_every_float_setting_must_be_finite(bad):
+  """NaN or ±inf in any float setting is refused by name, before any other check can let it through."""
+  names = float_settings(tiny())
+  assert {"config.sample.eta", "config.sample.guidance_scale", "config.train.learning_rate"} <= set(names)
+  for name in names:
+    config = config_utils.override(tiny(), {name.removeprefix("config."): bad})
+    with pytest.raises(validation.ConfigError) as error:
+      validation.validate(config, None, num_devices=8)
+    assert str(error.value) == f"{name}={bad}: must be a finite number.", name
+
+
+def test_floats_in_kwargs_and_sequences_must_be_finite():
+  config = config_utils.override(tiny(), {"reward.kwargs.scale": math.nan})
+  with pytest.raises(validation.ConfigError, match=r"config.reward.kwargs.scale=nan: must be a finite number"):
+    validation.validate(config, None, num_devices=8)
+  config = config_utils.override(tiny(), {"prompt.kwargs.weights": (1.0, math.inf)})
+  with pytest.raises(validation.ConfigError, match=r"config.prompt.kwargs.weights\[1\]=inf: must be a finite number"):
+    validation.validate(config, None, num_devices=8)
+
+
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_seed_bounds_are_valid(seed):
+  validation.validate(config_utils.override(tiny(), {"seed": seed, "eval.seed": seed}), None, num_devices=8)
