@@ -14,6 +14,7 @@ from ddpo_jax import preflight
 from ddpo_jax import steps
 from ddpo_jax import train
 from ddpo_jax import validation
+from ddpo_jax import workdir_lock
 from tests.conftest import tiny_config
 
 GiB, MiB = 2**30, 2**20
@@ -278,9 +279,13 @@ def test_a_step_the_compiler_refused_stops_the_run_naming_it(tiny_run):
 
 
 def snapshot(folder):
+  """{relative path: sha256} of the files under `folder`, but the run's lock (workdir_lock: an empty file once the
+  run has ended)."""
   out = {}
   for root, _, files in os.walk(folder):
     for name in files:
+      if name == workdir_lock.LOCK_FILE:
+        continue
       with open(os.path.join(root, name), "rb") as f:
         out[os.path.relpath(os.path.join(root, name), folder)] = hashlib.sha256(f.read()).hexdigest()
   return out
