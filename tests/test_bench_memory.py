@@ -139,7 +139,7 @@ def test_json_output_parses():
   assert record["sample"]["batch_per_device"] == 4 and record["train"]["batch_per_device"] == 8
   assert record["train"]["unet_rows_per_device"] == 16 and record["train"]["saved_activations"] > 0
   assert record["peak_bytes"] == max(record["sample"]["peak"], record["train"]["peak"])
-  assert "| v5e-8 | 8×1 | float32 | off |" in memory.format_table(records)
+  assert "| v5e-8 | 8×1 | full | float32 | off |" in memory.format_table(records)
 
 
 @pytest.mark.parametrize(
@@ -189,6 +189,15 @@ def test_grid_and_measuring_config():
   assert len(grid) == 8 and {g["mesh.fsdp"] for g in grid} == {1, 8}
   assert len(memory.grid_overrides(config, 1, "paper")) == 4
   assert memory.grid_overrides(config, 8, "config") == [{"mesh.data": 8, "mesh.fsdp": 1}]
+  # finetuning: bfloat16 first, full before LoRA, remat on first; all on the config's mesh (here all-FSDP).
+  fsdp = memory.with_overrides(config, {"mesh.data": 1, "mesh.fsdp": -1})
+  finetuning = memory.grid_overrides(fsdp, 8, "finetuning")
+  assert [(g["model.dtype"], g["lora.rank"], g["train.remat"]) for g in finetuning[:3]] == [
+    ("bfloat16", 0, True),
+    ("bfloat16", 0, False),
+    ("bfloat16", memory.GRID_LORA_RANK, True),
+  ]
+  assert len(finetuning) == 8 and {(g["mesh.data"], g["mesh.fsdp"]) for g in finetuning} == {(1, 8)}
   measuring = memory.measuring_config(config, 8, sample_per_device=2, train_per_device=4)
   assert (measuring.sample.batch_size, measuring.sample.num_batches_per_epoch) == (16, 4)
   assert (measuring.train.batch_size, measuring.train.gradient_accumulation_steps) == (32, 1)

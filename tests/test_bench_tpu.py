@@ -206,7 +206,7 @@ def test_tiny_config_compiles_for_a_v5e_slice(v5e_slice, v5e_setting):
   assert step_cost["flops"] == step_cost["program"]["flops"] and step_cost["loop_trips"] == 1  # one minibatch
   assert json.loads(json.dumps(record)) == record
   table = memory.format_table([record])
-  assert "| v5e:2x2 | 4×1 | float32 | off |" in table and "XLA:TPU compiled: the TPU compiler's" in table
+  assert "| v5e:2x2 | 4×1 | full | float32 | off |" in table and "XLA:TPU compiled: the TPU compiler's" in table
   assert f"({time['optimizer_step']['bound']}) |" in table
 
 

@@ -179,6 +179,13 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
     flag_values=flag_values,
   )
   flags.DEFINE_bool(
+    "compile_sampler",
+    True,
+    "With --compile: compile the sampler too (else its shape-only estimate, no times: planning the training step "
+    "alone, whose SD v1.4 compilation takes minutes).",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
     "search", True, "When a setting does not fit, find the largest per-device batches that do.", flag_values=flag_values
   )
   flags.DEFINE_float(
@@ -826,8 +833,9 @@ class Setting:
   necessarily jax's default backend.
   """
 
-  def __init__(self, config, devices, compile_: bool, backend: str | None = None):
+  def __init__(self, config, devices, compile_: bool, backend: str | None = None, compile_sampler: bool = True):
     self.config, self.devices, self.compile = config, list(devices), compile_
+    self.compile_sampler = compile_ and compile_sampler
     self.num_devices = len(self.devices)
     self.backend = backend or self.devices[0].platform
     self._steps: dict[int, tuple] = {}
@@ -870,7 +878,7 @@ class Setting:
 
   def sample(self, per_device: int) -> tuple[Memory, dict[str, int]]:
     """The sampler's memory for `per_device` samples per device, and buffer sizes."""
-    key = sampler_key(self.config, per_device, self.compile, self.devices_key)
+    key = sampler_key(self.config, per_device, self.compile_sampler, self.devices_key)
     if key in _SAMPLERS:
       return _SAMPLERS[key]
     plan, params = self.plan(self.config.train.batch_size // self.num_devices)
@@ -878,7 +886,7 @@ class Setting:
     outputs = sampler_outputs(plan, args)
     num_batches = samples_per_epoch(self.config) // (per_device * self.num_devices)
     sizes = buffer_sizes(outputs, epoch_rollouts(plan, outputs, num_batches), num_batches)
-    if self.compile:
+    if self.compile_sampler:
       logging.info("compiling the sampler: %d samples per device ...", per_device)
       memory = compiled_memory(plan.jitted.sample, args)
       logging.info("  %.1f s, %.2f GiB of temporaries", memory.seconds, memory.temp / GiB)
@@ -978,6 +986,7 @@ def measure(
   headroom: float = 0.9,
   backend: str | None = None,
   setting: Setting | None = None,
+  compile_sampler: bool = True,
 ):
   """The report of one setting (a dict, JSON-ready) on `devices` (the mesh's).
 
@@ -986,7 +995,7 @@ def measure(
   With a compiled step and the target's chip known, the report has the rooflines ("time").
   """
   num_devices = len(devices)
-  setting = setting or Setting(config, devices, compile_, backend)
+  setting = setting or Setting(config, devices, compile_, backend, compile_sampler)
   sample0 = config.sample.batch_size // num_devices
   train0 = config.train.batch_size // num_devices
   sizes = setting.static_sizes()
@@ -1006,6 +1015,8 @@ def measure(
     "headroom": headroom,
     "topology": target.topology or None,
     "estimate": f"XLA:{setting.backend.upper()} compiled" if compile_ else "analytical (rough activations)",
+    # --nocompile_sampler: the training step compiled, the sampler's peak the shape-only estimate, no times.
+    "sampler_compiled": setting.compile_sampler,
     "attention": setting.plan(train0)[0].config.model.attention,
     "mesh": dict(zip(("data", "fsdp"), setting.plan(train0)[0].mesh.devices.shape)),
     "dtype": config.model.dtype,
@@ -1033,7 +1044,7 @@ def measure(
   }
   if search and peak > limit:
     record["largest_fitting"] = _search(setting, config, sizes, sample0, train0, limit)
-  if compile_ and target.chip:
+  if setting.compile_sampler and target.chip:
     record["time"] = timed_batches_record(config, target.chip, setting, record)
   return record
 
@@ -1211,6 +1222,7 @@ def run_grid(
   search: bool = True,
   headroom: float = 0.9,
   on_record: Callable[[dict], None] | None = None,
+  compile_sampler: bool = True,
 ) -> list[dict]:
   """Reports of every setting of `grid` on `devices` (the target's), their "auto" settings resolved for the
   devices' platform; on TPU devices of a known chip (a topology's, or this machine's with --platform=native),
@@ -1222,7 +1234,7 @@ def run_grid(
   for overrides, setting in grid_configs(config, len(devices), grid, backend):
     logging.info("%s: %s", target.name, overrides)
     start = time.perf_counter()
-    record = measure(setting, target, devices, compile_, search, headroom, backend)
+    record = measure(setting, target, devices, compile_, search, headroom, backend, compile_sampler=compile_sampler)
     record["seconds"] = round(time.perf_counter() - start, 1)
     records.append(record)
     if on_record is not None:
@@ -1388,7 +1400,8 @@ def format_table(records: list[dict]) -> str:
       + (f" + base {_size(b['base_params'])}" if b.get("base_params") else "")
       + f" | {_size(b['frozen_params'])} "
       f"| {_size(b['epoch_buffers'])} "
-      f"| {_peak(s)} ({s['batch_per_device']}) | {_peak(t)} ({t['batch_per_device']}) "
+      f"| {_peak(s)}{'' if r.get('sampler_compiled', True) else ' est.'} ({s['batch_per_device']}) "
+      f"| {_peak(t)} ({t['batch_per_device']}) "
       f"| {_size(t['saved_activations'])} | {_size(r['hbm_bytes'])} | {r['verdict']} | {_fitting(r)} "
       f"| {_seconds(s)}, {_seconds(t)} |" + (_time_columns(r)[1:] if timed else "")
     )
@@ -1404,7 +1417,8 @@ def format_table(records: list[dict]) -> str:
   notes.append(
     "Peak = max(sampling: sampler call + optimizer state + earlier calls' outputs; training: step + frozen params "
     f"+ the epoch's rollouts); 'fits' below {records[0]['headroom'] if records else ''} x HBM, 'tight' below the "
-    "HBM; '≥': the TPU compiler refused the program for lack of HBM, the figure its message names. 'saved act. "
+    "HBM; 'est.': the sampler not compiled (--nocompile_sampler), its shape-only estimate; '≥': the TPU "
+    "compiler refused the program for lack of HBM, the figure its message names. 'saved act. "
     "(jaxpr)': one minibatch's backward activations counted on its jaxpr (dtype-exact, any backend)."
   )
   if timed:
@@ -1514,7 +1528,11 @@ def _run_slices(slices: list[tuple[Target, list]]) -> None:
   (a slice's grid takes minutes to hours)."""
   args = (FLAGS.grid, FLAGS.compile, FLAGS.search, FLAGS.headroom)
   on_record = (lambda record: _write([record], True)) if FLAGS.json else None
-  records = [r for target, devices in slices for r in run_grid(FLAGS.config, target, devices, *args, on_record)]
+  records = [
+    r
+    for target, devices in slices
+    for r in run_grid(FLAGS.config, target, devices, *args, on_record, compile_sampler=FLAGS.compile_sampler)
+  ]
   if not FLAGS.json:
     _write(records, False)
 
