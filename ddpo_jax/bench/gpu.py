@@ -130,7 +130,7 @@ def gpu_devices(gpu: Gpu, count: int) -> list:
     topology = topologies.get_topology_desc(
       topology_name="", platform="cuda", topology=f"1x1x{count}", target_config=target_config(gpu)
     )
-  except Exception as error:  # NotImplementedError without the plugin; JaxRuntimeError from XLA
+  except (NotImplementedError, RuntimeError) as error:  # no CUDA plugin; XLA's JaxRuntimeError (a RuntimeError)
     raise ValueError(
       f"--gpu={gpu.name}:{count}: jax cannot compile for CUDA here ({error}); "
       'install its CUDA plugin: pip install -e ".[cuda]" (jax[cuda12]; no GPU needed).'

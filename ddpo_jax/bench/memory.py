@@ -521,13 +521,15 @@ def step_args(plan, params, rollouts) -> tuple:
 
 def compiled_memory(jitted, args) -> Memory:
   """Lowers and compiles `jitted` for abstract `args`; its memory_analysis and cost (`compiled_cost`) per device."""
+  import jax
+
   from ddpo_jax import steps
 
   start = time.perf_counter()
   traced = jitted.trace(*args)
   try:
     compiled = traced.lower().compile()
-  except Exception as error:  # jax.errors.JaxRuntimeError; anything else propagates below
+  except jax.errors.JaxRuntimeError as error:
     refusal = steps.out_of_memory(error)
     if refusal is None:
       raise
