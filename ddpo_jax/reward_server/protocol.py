@@ -29,6 +29,13 @@ from PIL import Image
 
 # Decoded images larger than this are refused (decompression bombs): 16 Mpx.
 MAX_IMAGE_PIXELS = 4096 * 4096
+# Thinner or smaller images are refused. The captioner's preprocessing scales an
+# image's short side up to its crop (336 px for LLaVA-1.5) before cropping, so
+# a thin image grows by long/short: one of 1 x 1,048,576 px (3 MB decoded) took
+# the tiny server 43 s and 10.9 GB. Within these bounds the resized image is at
+# most MAX_ASPECT_RATIO crops, and never an upscaling of a few stray pixels.
+MIN_IMAGE_SIDE = 8
+MAX_ASPECT_RATIO = 4
 IMAGE_FORMATS = ("PNG", "JPEG")
 
 
@@ -49,8 +56,21 @@ def encode_image(image: np.ndarray, image_format: str = "PNG") -> str:
   return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode_image(data: Any, index: int = 0) -> Image.Image:
-  """The RGB PIL image of one base64 PNG or JPEG; ProtocolError naming `index` otherwise."""
+def check_image_size(width: int, height: int, index: int = 0) -> None:
+  """Raises ProtocolError naming `index` unless a width x height image (pixels)
+  is within MIN_IMAGE_SIDE, MAX_ASPECT_RATIO and MAX_IMAGE_PIXELS."""
+  size = f"images[{index}] is {width}x{height}"
+  if width * height > MAX_IMAGE_PIXELS:
+    raise ProtocolError(f"{size}, over the limit of {MAX_IMAGE_PIXELS} pixels")
+  if min(width, height) < MIN_IMAGE_SIDE:
+    raise ProtocolError(f"{size}, under the smallest side of {MIN_IMAGE_SIDE} pixels")
+  if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+    raise ProtocolError(f"{size}, its long side over {MAX_ASPECT_RATIO} times its short side")
+
+
+def open_image(data: Any, index: int = 0) -> Image.Image:
+  """The PIL image of one base64 PNG or JPEG, its header read and its size
+  checked (`check_image_size`) but no pixel decoded; ProtocolError otherwise."""
   if not isinstance(data, str):
     raise ProtocolError(f"images[{index}] must be a base64 string, got {type(data).__name__}")
   try:
@@ -59,21 +79,36 @@ def decode_image(data: Any, index: int = 0) -> Image.Image:
     raise ProtocolError(f"images[{index}] is not valid base64: {e}") from e
   try:
     image = Image.open(io.BytesIO(raw), formats=list(IMAGE_FORMATS))
-    width, height = image.size  # read from the header, before any pixel is decoded
-    if width * height > MAX_IMAGE_PIXELS:
-      raise ProtocolError(f"images[{index}] is {width}x{height}, over the limit of {MAX_IMAGE_PIXELS} pixels")
-    return image.convert("RGB")
-  except ProtocolError:
-    raise
   except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, EOFError, ...) on bad bytes
     raise ProtocolError(f"images[{index}] is not a decodable PNG or JPEG image: {e}") from e
+  check_image_size(*image.size, index)
+  return image
+
+
+def load_image(image: Image.Image, index: int = 0) -> Image.Image:
+  """The decoded RGB pixels of an `open_image`; ProtocolError naming `index` if they do not decode."""
+  try:
+    return image.convert("RGB")
+  except Exception as e:  # truncated or corrupt pixel data behind a sound header
+    raise ProtocolError(f"images[{index}] is not a decodable PNG or JPEG image: {e}") from e
+
+
+def decode_image(data: Any, index: int = 0) -> Image.Image:
+  """The RGB PIL image of one base64 PNG or JPEG; ProtocolError naming `index` otherwise."""
+  return load_image(open_image(data, index), index)
+
+
+def num_pixels(images: Sequence[Image.Image]) -> int:
+  """Pixels the images hold once decoded, from their headers."""
+  return sum(image.size[0] * image.size[1] for image in images)
 
 
 def _loads(body: bytes, what: str) -> dict:
   try:
     data = json.loads(body)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ProtocolError(f"{what} is not valid JSON: {e}") from e
+  except (ValueError, RecursionError) as e:
+    # ValueError: also bad UTF-8, and integers of over 4300 digits; RecursionError: nesting too deep.
+    raise ProtocolError(f"{what} is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from e
   if not isinstance(data, dict):
     raise ProtocolError(f"{what} must be a JSON object, got {type(data).__name__}")
   return data
@@ -93,8 +128,9 @@ def encode_request(images: np.ndarray, prompts: Sequence[str], image_format: str
   return json.dumps({"images": [encode_image(im, image_format) for im in images], "prompts": list(prompts)}).encode()
 
 
-def decode_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
-  """(B RGB images, B prompts) of a request body; ProtocolError if malformed."""
+def open_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
+  """(B images, B prompts) of a request body, the images' headers read and
+  checked (`open_image`) but no pixel decoded; ProtocolError if malformed."""
   data = _loads(body, "request")
   images = _list_field(data, "images", "request")
   prompts = _list_field(data, "prompts", "request")
@@ -105,7 +141,13 @@ def decode_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
   for i, prompt in enumerate(prompts):
     if not isinstance(prompt, str):
       raise ProtocolError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
-  return [decode_image(data, i) for i, data in enumerate(images)], prompts
+  return [open_image(data, i) for i, data in enumerate(images)], prompts
+
+
+def decode_request(body: bytes) -> tuple[list[Image.Image], list[str]]:
+  """(B RGB images, B prompts) of a request body; ProtocolError if malformed."""
+  images, prompts = open_request(body)
+  return [load_image(image, i) for i, image in enumerate(images)], prompts
 
 
 def encode_response(rewards: Sequence[float], captions: Sequence[str]) -> bytes:
