@@ -14,7 +14,9 @@ uninterrupted one exactly.
 orbax writes a checkpoint into a temporary folder and renames it once every
 process has finished, so a process killed while saving leaves the previous
 checkpoints as they were; a checkpoint that fails to restore (missing or
-damaged files) is skipped with a warning and the one before it is tried.
+damaged files) is skipped with a warning and the one before it is tried;
+once an older one restores, the newer, unrestorable ones are renamed
+`STEP.damaged-TIME` (never deleted), so that the run can save those steps again.
 When checkpoints exist but none restores into the run's train state (other
 settings: LoRA, EMA, another model), the run stops with `IncompatibleCheckpoints`
 naming what differs: it never starts again from the pretrained weights over
@@ -26,9 +28,11 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
@@ -135,10 +139,26 @@ class Checkpointer:
         problems[step] = first_line(e)
         logging.warning("checkpoint %d in %s cannot be restored, skipping it: %s", step, self.directory, problems[step])
         continue
+      self._set_aside([later for later in steps if later > step])
       return step, restored.state, dict(restored.meta)
     if steps:
       raise IncompatibleCheckpoints(self._incompatible_message(steps[-1], abstract_state, problems[steps[-1]]))
     return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames the unrestorable checkpoints `steps` (newer than the one restored) to `STEP.damaged-TIME`,
+    kept for inspection: left in place, the run would fail when it saves that step again."""
+    if not steps:
+      return
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    if jax.process_index() == 0:
+      for step in steps:
+        source = epath.Path(self.directory) / str(step)
+        target = source.parent / f"{step}.damaged-{stamp}"
+        source.rename(target)
+        logging.warning("set aside the unrestorable checkpoint %s as %s", source, target)
+    sharding.sync_processes("checkpoints set aside")
+    self.manager.reload()
 
   def _incompatible_message(self, step: int, abstract_state: Any, problem: str) -> str:
     try:

@@ -170,7 +170,8 @@ class MetricWriter:
     """Prepares metrics.jsonl for a run that continues at `epoch`.
 
     Records of epochs >= `epoch` (written after the checkpoint the run resumes
-    from, and about to be written again) and torn lines are appended to
+    from, and about to be written again; at epoch 0, every record, the
+    evaluation before training too) and torn lines are appended to
     metrics.discarded.jsonl, then metrics.jsonl is replaced atomically by the
     records kept: nothing written is lost. Returns the number moved.
     """
@@ -181,7 +182,8 @@ class MetricWriter:
     kept, moved = [], []
     for line in lines:
       try:
-        keep = int(json.loads(line)["epoch"]) < epoch
+        # epoch 0: the run starts from nothing, its evaluation before training (epoch -1) included
+        keep = epoch > 0 and int(json.loads(line)["epoch"]) < epoch
       except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         keep = False
       (kept if keep else moved).append(line)

@@ -236,7 +236,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, A
       eval_summary = _evaluate(evaluator, writer, frozen, state.params, base, epoch, (epoch + 1) * samples_per_epoch)
 
     # --- Checkpoint: when due, after the last epoch and when preempted (then stop). The
-    # epoch's record is written first, so metrics.jsonl never runs ahead of a restore.
+    # epoch's record is written first, so metrics.jsonl never runs ahead of a restore. The flag is read once
+    # the epoch's training pass has finished on the device: read at its dispatch, a signal that arrives
+    # during the pass would be acted on an epoch late.
+    jax.block_until_ready(state)
     preempted = preemption.requested()
     last = epoch == config.num_epochs - 1
     if preempted or last or periodic.is_due(epoch, config.num_epochs, config.checkpoint.every_epochs):

@@ -130,6 +130,45 @@ def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, how, caplog):
   assert any("checkpoint 2" in r.getMessage() and "skipping" in r.getMessage() for r in caplog.records)
 
 
+def test_a_damaged_newest_checkpoint_is_set_aside_and_its_step_saved_again(tmp_path):
+  """The run that restored step 1 over a damaged step 2 trains its epoch again and saves step 2: that must
+  work (it used to fail with StepAlreadyExistsError on every rerun), and the damaged files must be kept."""
+  state, shardings = make_state(sharding.make_mesh(8, 1))
+  saver = checkpoints.Checkpointer(str(tmp_path))
+  saver.save(1, state, {"epoch": 0})
+  saver.wait()
+  later, _ = make_state(sharding.make_mesh(8, 1), scale=2.0)
+  saver.save(2, later, {"epoch": 1})
+  saver.close()
+  _damage(tmp_path / "2", "garbled")
+  damaged_files = sorted(os.listdir(tmp_path / "2" / "state"))
+
+  resumed = checkpoints.Checkpointer(str(tmp_path))
+  step, _, _ = resumed.restore_latest(abstract(state, shardings))
+  assert step == 1 and resumed.steps() == [1]
+  (aside,) = [name for name in os.listdir(tmp_path) if name.startswith("2.damaged-")]
+  assert sorted(os.listdir(tmp_path / aside / "state")) == damaged_files
+  resumed.save(2, later, {"epoch": 1})
+  resumed.close()
+  step, restored, meta = checkpoints.Checkpointer(str(tmp_path)).restore_latest(abstract(state, shardings))
+  assert step == 2 and meta == {"epoch": 1}
+  assert_same(later, restored)
+  assert os.path.isdir(tmp_path / aside)  # never deleted
+
+
+def test_a_run_that_starts_again_from_nothing_sets_aside_the_evaluation_before_training(tmp_path):
+  """A run killed before its first checkpoint starts again at epoch 0 and evaluates the pretrained params
+  again (epoch -1): its earlier record of that must not stay beside the new one."""
+  writer = metrics.MetricWriter(str(tmp_path))
+  writer.write_scalars(-1, {"eval_reward_mean": 0.5})
+  writer.close()
+  writer = metrics.MetricWriter(str(tmp_path))
+  assert writer.resume_at(0) == 1
+  writer.write_scalars(-1, {"eval_reward_mean": 0.5})
+  writer.close()
+  assert [r["epoch"] for r in metrics.read_metrics(str(tmp_path))] == [-1]
+
+
 def test_no_checkpoint_restores_none(tmp_path):
   state, shardings = make_state(sharding.make_mesh(8, 1))
   assert checkpoints.Checkpointer(str(tmp_path)).restore_latest(abstract(state, shardings)) is None
