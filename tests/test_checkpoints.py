@@ -113,15 +113,21 @@ def _damage(step_dir, how):
         f.write(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
 
 
-@pytest.mark.parametrize("how", ["deleted", "garbled"])
-def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, how, caplog):
+def save_two_steps(directory):
+  """Checkpoints 1 and 2 (of another state) in `directory`; returns (state 1, its shardings, state 2)."""
   state, shardings = make_state(sharding.make_mesh(8, 1))
-  saver = checkpoints.Checkpointer(str(tmp_path))
+  saver = checkpoints.Checkpointer(str(directory))
   saver.save(1, state, {"epoch": 0})
   saver.wait()
   later, _ = make_state(sharding.make_mesh(8, 1), scale=2.0)
   saver.save(2, later, {"epoch": 1})
   saver.close()
+  return state, shardings, later
+
+
+@pytest.mark.parametrize("how", ["deleted", "garbled"])
+def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, how, caplog):
+  state, shardings, later = save_two_steps(tmp_path)
   _damage(tmp_path / "2", how)
   with caplog.at_level(logging.WARNING):
     step, restored, meta = checkpoints.Checkpointer(str(tmp_path)).restore_latest(abstract(state, shardings))
@@ -133,13 +139,7 @@ def test_damaged_checkpoint_is_skipped_with_a_warning(tmp_path, how, caplog):
 def test_a_damaged_newest_checkpoint_is_set_aside_and_its_step_saved_again(tmp_path):
   """The run that restored step 1 over a damaged step 2 trains its epoch again and saves step 2: that must
   work (it used to fail with StepAlreadyExistsError on every rerun), and the damaged files must be kept."""
-  state, shardings = make_state(sharding.make_mesh(8, 1))
-  saver = checkpoints.Checkpointer(str(tmp_path))
-  saver.save(1, state, {"epoch": 0})
-  saver.wait()
-  later, _ = make_state(sharding.make_mesh(8, 1), scale=2.0)
-  saver.save(2, later, {"epoch": 1})
-  saver.close()
+  state, shardings, later = save_two_steps(tmp_path)
   _damage(tmp_path / "2", "garbled")
   damaged_files = sorted(os.listdir(tmp_path / "2" / "state"))
 
