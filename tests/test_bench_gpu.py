@@ -54,3 +54,9 @@ def test_tiny_config_compiles_for_gpus_without_a_gpu():
   for phase in (record["sample"], record["train"]):
     assert phase["temp"] > 0 and phase["output"] > 0 and phase["compile_seconds"] > 0 and not phase["refused"]
   assert "| h100-80gb:2 | 2×1 | full | float32 | off |" in memory.format_table([record])
+
+
+@pytest.mark.skipif(cuda_plugin_installed(), reason="checks the message given without jax's CUDA plugin")
+def test_without_the_cuda_plugin_the_gpu_flag_names_the_install():
+  with pytest.raises(ValueError, match=r"--gpu=h100-80gb:2: jax cannot compile for CUDA here .*pip install -e"):
+    gpu.gpu_devices(gpu.GPUS["h100-80gb"], 2)
