@@ -25,8 +25,12 @@ an existing run.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
+import re
+import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -42,6 +46,11 @@ from ddpo_jax import validation
 
 class IncompatibleCheckpoints(validation.ConfigError):
   """Checkpoints exist, but none restores into the current train state."""
+
+
+class CheckpointWriteFailed(RuntimeError):
+  """A checkpoint could not be written (a full disk, lost permissions); the message names the step, the cause,
+  the checkpoints that are intact and how to resume."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -101,6 +110,7 @@ class Checkpointer:
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous, cleanup_tmp_directories=True
     )
     self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    self._writing: int | None = None  # the step being written asynchronously
 
   def steps(self) -> list[int]:
     """Steps of the complete checkpoints, ascending."""
@@ -108,12 +118,21 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-    """Starts saving (asynchronously); a later save or `wait` finishes it."""
-    self.manager.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-      force=True,
-    )
+    """Starts saving (asynchronously); a later save or `wait` finishes it.
+
+    Raises:
+      CheckpointWriteFailed: this checkpoint, or the one still being written, could not be written.
+    """
+    self.wait()
+    self._writing = step
+    try:
+      self.manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+      )
+    except Exception as e:  # noqa: BLE001 - orbax raises what its storage raised; the message names it
+      raise self._write_failed(e) from e
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
     """(step, state, meta) of the newest checkpoint that restores, or None when there is none.
@@ -177,11 +196,29 @@ class Checkpointer:
     )
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits until the checkpoint being written is complete; CheckpointWriteFailed if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - see `save`
+      raise self._write_failed(e) from e
+    self._writing = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
+
+  def _write_failed(self, error: BaseException) -> CheckpointWriteFailed:
+    step, self._writing = self._writing, None
+    intact = self.steps()
+    workdir = os.path.dirname(self.directory)
+    cause = write_error_cause(error)
+    return CheckpointWriteFailed(
+      f"checkpoint {step} could not be written to {self.directory}: {cause}.{_disk_space(self.directory)}"
+      f" The checkpoints written before it are intact: {intact or 'none'}; its partial folder is removed when the "
+      f"run starts again. Fix the cause (free space, or lower config.checkpoint.max_to_keep) and run the same "
+      f"command with --workdir={workdir} to "
+      + (f"resume from checkpoint {intact[-1]}." if intact else "start it again.")
+    )
 
 
 def _check_restored(abstract_state: Any, state: Any) -> None:
@@ -195,6 +232,67 @@ def _check_restored(abstract_state: Any, state: Any) -> None:
   ):
     if tuple(want.shape) != tuple(got.shape) or want.dtype != got.dtype:
       raise ValueError(f"{path}: checkpoint has {got.dtype}{list(got.shape)}, expected {want.dtype}{list(want.shape)}")
+
+
+def write_error_cause(error: BaseException) -> str:
+  """What went wrong, in a line: the operating system's words where the error names an errno (TensorStore's
+  "[os_error_code='28']": "No space left on device"), else the error's first line."""
+  match = re.search(r"os_error_code='?(\d+)", str(error))
+  if match:
+    return f"{os.strerror(int(match.group(1)))} (errno {match.group(1)})"
+  return first_line(error)
+
+
+def _disk_space(directory: str) -> str:
+  """The free space on a local folder's disk, as a sentence; "" for other storage (gs://)."""
+  if "://" in directory:
+    return ""
+  try:
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    return ""
+  return f" {free / 1e6:.1f} MB are free on its disk."
+
+
+# --- A failed write's noise. When one of orbax's asynchronous writes fails (a full disk), its event loop stops
+# with hundreds of other writes in flight; each of them then reports "Event loop is closed" as an unraisable
+# exception, and orbax logs the first error with its traceback in four places. The cause is in
+# CheckpointWriteFailed's message; these keep the rest at debug level (--verbosity=1 shows it).
+
+
+def _is_failed_write_noise(exc_value: BaseException | None, obj: Any) -> bool:
+  if isinstance(exc_value, RuntimeError) and "Event loop is closed" in str(exc_value):
+    return True
+  code = getattr(obj, "cr_code", None)  # a coroutine of orbax's, collected unfinished
+  return code is not None and "/orbax/" in code.co_filename
+
+
+def quiet_failed_write_noise() -> None:
+  """Installs a sys.unraisablehook that drops the unraisable exceptions of a failed write's stopped writers,
+  unless logging is at debug level; other unraisable exceptions reach the previous hook."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable, previous=previous, level_debug=logging.level_debug):
+    try:
+      noise = _is_failed_write_noise(unraisable.exc_value, unraisable.object) and not level_debug()
+    except Exception:  # noqa: BLE001 - at interpreter shutdown; the noise then is the stopped writers'
+      noise = True
+    if not noise:
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
+def shorten_failed_write_records(record: std_logging.LogRecord) -> bool:
+  """A logging filter: orbax's error records without their tracebacks, and asyncio's "exception was never
+  retrieved" records of a failed write dropped, unless logging is at debug level."""
+  if logging.level_debug():
+    return True
+  if record.name == "asyncio" and "exception was never retrieved" in record.getMessage():
+    return False
+  if "/orbax/" in record.pathname and record.levelno >= std_logging.ERROR:
+    record.exc_info = record.exc_text = None
+  return True
 
 
 class PreemptionFlag:

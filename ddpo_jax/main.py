@@ -11,6 +11,8 @@ On a multi-host TPU slice every worker runs the same command.
 
 An invalid setting, or a --workdir that another run is using, stops the command before anything loads:
 the message alone on stderr, exit status 2.
+A checkpoint that cannot be written (a full disk) stops the run with one message naming the cause, the
+checkpoints that are intact and how to resume: exit status 1.
 """
 
 import sys
@@ -48,6 +50,16 @@ def _quiet_orbax(record) -> bool:
   return record.levelno > logging.converter.STANDARD_INFO or "/orbax/" not in record.pathname
 
 
+def quiet_logs() -> None:
+  """Keeps the console to what matters: orbax's INFO records dropped, and a failed checkpoint write's hundreds
+  of tracebacks at debug level (checkpoints.CheckpointWriteFailed says what happened)."""
+  from ddpo_jax import checkpoints  # imports jax: after flags, before any jax use
+
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(checkpoints.shorten_failed_write_records)
+  checkpoints.quiet_failed_write_noise()
+
+
 def quiet_third_party_deprecations() -> None:
   """Filters the Deprecation/FutureWarnings that flax, orbax and jax raise about their own APIs
   (not about this run) from the console, once at start-up."""
@@ -68,9 +80,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  quiet_logs()
   quiet_third_party_deprecations()
-  from ddpo_jax import sharding  # imports jax: after flags, before any jax use
+  from ddpo_jax import checkpoints
+  from ddpo_jax import sharding
   from ddpo_jax import train
   from ddpo_jax import validation
   from ddpo_jax import workdir_lock
@@ -82,6 +95,11 @@ def main(argv):
     # The message names the setting and the fix; a traceback would only bury it.
     print(error, file=sys.stderr)
     sys.exit(CONFIG_ERROR_EXIT_CODE)
+  except checkpoints.CheckpointWriteFailed as error:
+    # The cause, the intact checkpoints and how to resume are in the message; orbax's traceback is at debug level.
+    logging.debug("the failed checkpoint write", exc_info=True)
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
   if summary.get("preempted"):
     sys.exit(PREEMPTED_EXIT_CODE)
 

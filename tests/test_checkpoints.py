@@ -100,6 +100,48 @@ def test_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
   np.testing.assert_array_equal(np.asarray(state["w"]), np.ones((4, 4)))
 
 
+# Saves checkpoint 1, then checkpoint 2 of 64 leaves of 64 kB with every file limited to 1 MB (RLIMIT_FSIZE, as
+# a full disk: the write fails part-way), with the program's logging (absl to stderr, main.quiet_logs).
+FAILED_WRITER = textwrap.dedent(
+  """
+  import resource, signal, sys
+  from absl import logging
+  import jax, numpy as np
+  from ddpo_jax import checkpoints, main
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  main.quiet_logs()
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  rng = np.random.default_rng(0)
+  saver = checkpoints.Checkpointer(sys.argv[1])
+  saver.save(1, {"w": jax.numpy.ones((4, 4))}, {"epoch": 0})
+  saver.wait()
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+  state = {f"w{i}": jax.numpy.asarray(rng.normal(size=(64, 256)), "float32") for i in range(64)}
+  try:
+    saver.save(2, state, {"epoch": 1})
+    saver.close()
+  except checkpoints.CheckpointWriteFailed as e:
+    print("CheckpointWriteFailed:", e)
+  """
+)
+
+
+def test_a_failed_write_reports_its_cause_in_one_message_not_pages_of_tracebacks(tmp_path):
+  directory = tmp_path / "checkpoints"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  result = subprocess.run(
+    [sys.executable, "-c", FAILED_WRITER, str(directory)], env=env, capture_output=True, text=True
+  )
+  output = result.stdout + result.stderr
+  failure = [line for line in result.stdout.splitlines() if line.startswith("CheckpointWriteFailed:")]
+  assert failure, output[-3000:]
+  assert f"checkpoint 2 could not be written to {directory}: File too large (errno 27)." in failure[0]
+  assert "intact: [1]" in failure[0] and "resume from checkpoint 1." in failure[0]
+  assert output.count("Traceback") == 0 and len(output.splitlines()) < 20, output[-3000:]
+  assert checkpoints.Checkpointer(str(directory)).steps() == [1]
+
+
 def _damage(step_dir, how):
   files = [os.path.join(root, name) for root, _, names in os.walk(step_dir / "state") for name in names]
   data = [f for f in files if f"{os.sep}d{os.sep}" in f] or files
