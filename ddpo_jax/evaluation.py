@@ -8,6 +8,11 @@ images bit for bit, and evaluations of a run differ only by its params. Each
 evaluation reports the trained reward, the other rewards of `config.eval.rewards`
 (a policy that games its reward shows it in the others), and the diversity of
 the samples.
+
+The first `config.logging.num_images` samples of the evaluation before training
+are kept (images/eval_start.npz, so that a resumed run has them), and the last
+evaluation writes them beside the final params' samples of the same prompts and
+noise: images/before_after.png.
 """
 
 from __future__ import annotations
@@ -15,13 +20,22 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
+from ddpo_jax import metrics as metrics_lib
 from ddpo_jax import prompts as prompts_lib
 from ddpo_jax import rewards as rewards_lib
 from ddpo_jax import sharding
+
+START_SAMPLES = "eval_start"  # images/eval_start.npz: the evaluation before training's first images
+BEFORE_AFTER = "before_after"  # images/before_after.png
+
+
+def before_after_titles(epoch: int) -> tuple[str, str]:
+  return "before training: reward, prompt", f"after epoch {epoch}: reward, prompt"
 
 
 def pairwise_rms_distance(images: np.ndarray) -> float:
@@ -121,11 +135,23 @@ class Evaluator:
     out["seconds"] = time.time() - start
     return out, images, labels
 
-  def write(self, writer, epoch: int, samples: int, metrics: dict[str, Any], images, labels) -> None:
+  def write(self, writer, epoch: int, samples: int, metrics: dict[str, Any], images, labels, final=False) -> None:
     """Writes an evaluation's record (split "eval", with the samples trained
     on so far) and its grid: images/eval_samples_EPOCH.png, or
-    images/eval_samples_start_00000.png for the evaluation before training (epoch -1)."""
+    images/eval_samples_start_00000.png for the evaluation before training (epoch -1),
+    whose first images are also kept as images/eval_start.npz; with `final`,
+    images/before_after.png too."""
     writer.write_scalars(epoch, dict(metrics, samples=samples), split="eval")
     n = min(self.config.logging.num_images, len(images))
     name = "eval_samples" if epoch >= 0 else "eval_samples_start"
     writer.write_images(max(epoch, 0), name, images[:n], labels[:n])
+    if epoch < 0:
+      writer.write_arrays(START_SAMPLES, images=images[:n], labels=np.asarray(labels[:n]))
+    if final and writer.enabled:
+      start = writer.read_arrays(START_SAMPLES)
+      if start is None or len(start["images"]) != n:
+        logging.warning("no images of the evaluation before training in %s: no %s.png", writer.workdir, BEFORE_AFTER)
+        return
+      titles = before_after_titles(epoch)
+      grid = metrics_lib.before_after_grid(start["images"], list(start["labels"]), images[:n], labels[:n], titles)
+      writer.write_grid(BEFORE_AFTER, grid)

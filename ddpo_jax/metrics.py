@@ -7,7 +7,9 @@
                    crash loses at most the line being written and never the
                    ones before it; `read_metrics` skips a torn last line)
   tensorboard/     TensorBoard event files (scalars, histograms, images)
-  images/          PNG grids of samples with their prompts, {name}_{step:05d}.png
+  images/          PNG grids of samples with their prompts, {name}_{step:05d}.png;
+                   before_after.png (`before_after_grid`) and the arrays it is
+                   made from (.npz)
 
 Only one process should write: build it with enabled=False elsewhere and every
 method is a no-op that touches no file.
@@ -114,6 +116,25 @@ def make_grid(images: np.ndarray, labels: Sequence[str], columns: int = 8, scale
     canvas.paste(Image.fromarray(image.repeat(scale, axis=0).repeat(scale, axis=1)), (x, y))
     for j, line in enumerate(wrap_label(str(label), image_w - 2 * MARGIN, font)):
       draw.text((x + MARGIN, y + image_h + MARGIN + j * line_height), line, fill="black", font=font)
+  return np.asarray(canvas)
+
+
+def before_after_grid(
+  before: np.ndarray, before_labels: Sequence[str], after: np.ndarray, after_labels: Sequence[str], titles=("", "")
+) -> np.ndarray:
+  """Two labelled grids side by side (`make_grid`, 4 columns each) under a title each, uint8 [H, W, 3]:
+  `before` [N, h, w, 3] on the left, `after` (the same N prompts and noise) on the right."""
+  if len(before) != len(after):
+    raise ValueError(f"before_after_grid got {len(before)} images before and {len(after)} after")
+  left, right = make_grid(before, before_labels, columns=4), make_grid(after, after_labels, columns=4)
+  font = _font()
+  title_height, separation = _line_height(font) + 2 * MARGIN, 8 * GAP
+  canvas = Image.new("RGB", (left.shape[1] + separation + right.shape[1], title_height + left.shape[0]), "white")
+  canvas.paste(Image.fromarray(left), (0, title_height))
+  canvas.paste(Image.fromarray(right), (left.shape[1] + separation, title_height))
+  draw = ImageDraw.Draw(canvas)
+  draw.text((MARGIN, MARGIN), titles[0], fill="black", font=font)
+  draw.text((left.shape[1] + separation + MARGIN, MARGIN), titles[1], fill="black", font=font)
   return np.asarray(canvas)
 
 
@@ -249,6 +270,37 @@ class MetricWriter:
     self._tensorboard.add_image(name, grid, int(step), dataformats="HWC")
     self._tensorboard.flush()
     return path
+
+  def write_grid(self, name: str, grid: np.ndarray) -> str | None:
+    """Saves a composed picture uint8 [H, W, 3] to images/{name}.png (replaced whole) and TensorBoard (step 0)."""
+    if not self.enabled:
+      return None
+    path = os.path.join(self.workdir, "images", f"{name}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(grid).save(path + ".tmp", format="PNG")
+    os.replace(path + ".tmp", path)
+    self._tensorboard.add_image(name, grid, 0, dataformats="HWC")
+    self._tensorboard.flush()
+    return path
+
+  def write_arrays(self, name: str, **arrays: np.ndarray) -> None:
+    """Saves arrays to images/{name}.npz, replaced whole (atomically: a kill leaves the old file or the new)."""
+    if not self.enabled:
+      return
+    path = os.path.join(self.workdir, "images", f"{name}.npz")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(path + ".tmp", path)
+
+  def read_arrays(self, name: str) -> dict[str, np.ndarray] | None:
+    """The arrays of images/{name}.npz, or None when there is no such file (or it cannot be read)."""
+    path = os.path.join(self.workdir, "images", f"{name}.npz")
+    try:
+      with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+    except (OSError, ValueError):
+      return None
 
   def close(self) -> None:
     if self._tensorboard is not None:

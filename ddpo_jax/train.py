@@ -230,10 +230,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, A
       )
     )
 
-    # --- Held-out evaluation of the params after this epoch (its record after the epoch's own).
+    # --- Held-out evaluation of the params after this epoch (its record after the epoch's own); after the
+    # last epoch, images/before_after.png too.
+    last = epoch == config.num_epochs - 1
     if evaluator is not None and periodic.is_due(epoch, config.num_epochs, config.eval.every_epochs):
       epoch_log.flush()
-      eval_summary = _evaluate(evaluator, writer, frozen, state.params, base, epoch, (epoch + 1) * samples_per_epoch)
+      eval_summary = _evaluate(
+        evaluator, writer, frozen, state.params, base, epoch, (epoch + 1) * samples_per_epoch, final=last
+      )
 
     # --- Checkpoint: when due, after the last epoch and when preempted (then stop). The
     # epoch's record is written first, so metrics.jsonl never runs ahead of a restore. The flag is read once
@@ -241,7 +245,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> tuple[dict[str, A
     # during the pass would be acted on an epoch late.
     jax.block_until_ready(state)
     preempted = preemption.requested()
-    last = epoch == config.num_epochs - 1
     if preempted or last or periodic.is_due(epoch, config.num_epochs, config.checkpoint.every_epochs):
       epoch_log.flush()
       meta = dict(epoch=epoch, seed=config.seed, tracker=tracker.state() if tracker else {})
@@ -283,11 +286,11 @@ def _save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     f.write(text)
 
 
-def _evaluate(evaluator, writer, frozen, trained, base, epoch: int, samples: int) -> dict[str, Any]:
+def _evaluate(evaluator, writer, frozen, trained, base, epoch: int, samples: int, final=False) -> dict[str, Any]:
   """Evaluates the params after epoch `epoch` (-1: before training), writes
-  the record and grid, and returns the metrics (with "epoch")."""
+  the record and grid (`final`: the before/after picture too), and returns the metrics (with "epoch")."""
   metrics, images, labels = evaluator.evaluate(dict(frozen, unet=trained), base)
-  evaluator.write(writer, epoch, samples, metrics, images, labels)
+  evaluator.write(writer, epoch, samples, metrics, images, labels, final=final)
   reporting.log_evaluation(epoch, metrics)
   return dict(metrics, epoch=epoch)
 

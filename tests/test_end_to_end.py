@@ -8,12 +8,17 @@ import os
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from ddpo_jax import checkpoints
 from ddpo_jax import config_utils
+from ddpo_jax import evaluation
 from ddpo_jax import metrics
+from ddpo_jax import models
+from ddpo_jax import rewards
 from ddpo_jax import sharding
+from ddpo_jax import steps
 from ddpo_jax import train
 from tests.test_lora import options_config
 
@@ -45,6 +50,47 @@ def test_tiny_preset_improves_its_reward(spec, tmp_path):
   evals = [r for r in all_records if r["split"] == "eval"]
   assert [r["epoch"] for r in evals] == [-1, 3, 7, 11]
   assert all(np.isfinite(r["reward_toy_alignment_mean"]) and np.isfinite(r["diversity"]) for r in evals)
+  if spec == "configs/compress.py:tiny":
+    check_before_after(spec, tmp_path, evals[-1]["epoch"])
+
+
+def pretrained_evaluation_samples(spec):
+  """The held-out evaluation's images sampled afresh with the pretrained params: uint8 [n, H, W, 3]."""
+  config = config_utils.resolve_auto(config_utils.get_config(spec), jax.default_backend())
+  model, params = models.load(config.model.name, dtype=config.model.dtype)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  config, model, layout = steps.configure(config, model, params["unet"], mesh)
+  frozen = {"vae": params["vae"], "text_encoder": params["text_encoder"]}
+  run = steps.build(config, model, mesh, layout, frozen, names=("eval_sample",))
+  unet = run.place_unet(params["unet"])
+  evaluator = evaluation.Evaluator(config, run, rewards.make(config.reward.name))
+  images, _ = evaluator.sample(dict(run.place_frozen(frozen), unet=unet), run.base(unet))
+  return images
+
+
+def grid_image(grid, i, columns, shape):
+  """Image i [h, w, 3] of a `metrics.make_grid` grid of images of `shape` (h, w) at scale 4."""
+  h, w = shape
+  cell_w, cell_h = 4 * w + metrics.GAP, 4 * h + metrics.label_strip_height() + metrics.GAP
+  y, x = (i // columns) * cell_h, (i % columns) * cell_w
+  return grid[y : y + 4 * h : 4, x : x + 4 * w : 4]
+
+
+def check_before_after(spec, workdir, last_epoch):
+  """images/before_after.png: on the left the pretrained model's samples of the held-out prompts and noise
+  (equal to a fresh sample of it), on the right the last evaluation's samples of the same prompts and noise."""
+  start = np.load(workdir / "images" / "eval_start.npz")
+  before, shape = start["images"], start["images"].shape[1:3]
+  np.testing.assert_array_equal(before, pretrained_evaluation_samples(spec)[: len(before)])
+  picture = np.asarray(Image.open(workdir / "images" / "before_after.png"))
+  left = metrics.make_grid(before, list(start["labels"]), columns=4)
+  top = picture.shape[0] - left.shape[0]
+  np.testing.assert_array_equal(picture[top:, : left.shape[1]], left)
+  right = picture[top:, picture.shape[1] - left.shape[1] :]
+  final = np.asarray(Image.open(workdir / "images" / f"eval_samples_{last_epoch:05d}.png"))
+  after = np.stack([grid_image(final, i, 8, shape) for i in range(len(before))])
+  np.testing.assert_array_equal(np.stack([grid_image(right, i, 4, shape) for i in range(len(before))]), after)
+  assert np.abs(after.astype(int) - before).mean() > 1  # trained: the samples changed
 
 
 def flat(tree):

@@ -2,9 +2,11 @@
 
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from ddpo_jax import config_utils
 from ddpo_jax import evaluation
+from ddpo_jax import metrics
 
 
 class FakeSteps:
@@ -50,3 +52,25 @@ def test_a_reward_that_writes_into_its_images_cannot_change_the_others():
     assert metrics[name] == clean[name], name
   assert clean["reward_jpeg_compressibility_invalid"] == 0
   assert metrics["reward_jpeg_compressibility_invalid"] == config.eval.num_samples  # its writes raised: dropped
+
+
+def test_the_last_evaluation_writes_the_first_ones_images_beside_its_own_after_a_resume(tmp_path):
+  config = config_utils.get_config("configs/compress.py:tiny")
+  steps = FakeSteps(config.eval.num_samples // config.sample.batch_size, config.sample.batch_size)
+  evaluator = evaluation.Evaluator(config, steps, lambda images, prompts: np.zeros(len(images), np.float32))
+  n = config.logging.num_images
+  with metrics.MetricWriter(str(tmp_path)) as writer:
+    start_metrics, before, before_labels = evaluator.evaluate(params=None)
+    evaluator.write(writer, -1, 0, start_metrics, before, before_labels)
+  assert not (tmp_path / "images" / "before_after.png").exists()
+  steps.images = [np.flip(images, axis=1) for images in steps.images]  # "trained": other samples
+  with metrics.MetricWriter(str(tmp_path)) as writer:  # a new writer, as in a resumed run
+    final_metrics, after, after_labels = evaluator.evaluate(params=None)
+    evaluator.write(writer, 5, 64, final_metrics, after, after_labels, final=True)
+  picture = np.asarray(Image.open(tmp_path / "images" / "before_after.png"))
+  expected = metrics.before_after_grid(
+    before[:n], before_labels[:n], after[:n], after_labels[:n], evaluation.before_after_titles(5)
+  )
+  np.testing.assert_array_equal(picture, expected)
+  left = metrics.make_grid(before[:n], before_labels[:n], columns=4)
+  np.testing.assert_array_equal(picture[picture.shape[0] - left.shape[0] :, : left.shape[1]], left)
