@@ -1,12 +1,31 @@
 """Shared fixtures. Eight fake CPU devices are set before jax is imported, so
-that sharding is real; tests that need one device build a 1-device mesh."""
+that sharding is real; tests that need one device build a 1-device mesh.
+
+The session shares one persistent compilation cache, in a fresh folder removed at its end (the tests'
+subprocesses too, through the environment): many tests compile the same tiny programs, and XLA:CPU spends
+minutes on the tiny training step. A program is looked up by its HLO, devices and flags, so a hit is the same
+program; a test that needs its own cache sets JAX_COMPILATION_CACHE_DIR itself."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _SESSION_CACHE = tempfile.mkdtemp(prefix="ddpo_jax_tests_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+else:
+  _SESSION_CACHE = None
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _SESSION_CACHE:
+    shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
 
 from tests import tiny_model  # noqa: E402
 
