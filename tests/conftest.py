@@ -12,6 +12,9 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The TPU tests compile for compile-only devices and open no chip: without this, libtpu's lockfile fails them
+# while any other process on the machine (another test session, a planner) has libtpu loaded.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _SESSION_CACHE = tempfile.mkdtemp(prefix="ddpo_jax_tests_jax_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
