@@ -84,7 +84,7 @@ def main(argv):
   if use_reference:
     from benchmarks import reference
 
-    ref = reference.convert(s.model, s.params)
+    ref = reference.convert(s.model, s.params, speed.reference_options())
     optimizer = reference.make_optimizer(ref)
     kwargs = speed.reference_kwargs(s)
     host_tokens, host_negative_ids = np.asarray(token_ids), np.asarray(negative_ids)
@@ -137,6 +137,7 @@ def main(argv):
       num_batches=num_batches,
       seconds=speed.median(seconds["reference"]),
       seconds_all=seconds["reference"],
+      **speed.reference_fields(speed.reference_options()),
     )
     ref_record["samples_per_s"] = num_samples / ref_record["seconds"]
     speed.emit(ref_record)

@@ -12,6 +12,11 @@ runs them:
 The DDIM step and its log-probability are the formulas of ddpo_jax.ddim
 (mean over C, H, W of the Gaussian log-density, sigma floored at 1e-6).
 
+Speed options a PyTorch user might try (`Options`; the bench's --torch_attention,
+--torch_channels_last and --torch_compile) default to what measured fastest
+here: diffusers' defaults (docs/speed.md). benchmarks/ddpo_pytorch_loop.py
+times DDPO's own PyTorch loop on the same models, the yardstick of this one.
+
 Needs `pip install -e '.[bench]'` (torch, CPU build).
 """
 
@@ -48,6 +53,37 @@ def _flax_numerics(unet) -> None:
       module.norm.eps = 1e-5
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What a PyTorch user might switch on for speed (each keeps the fairness check's log-probs).
+
+  attention: "sdpa", diffusers' default `AttnProcessor2_0`
+    (torch.nn.functional.scaled_dot_product_attention), or "math", its
+    `AttnProcessor` (baddbmm, softmax, bmm);
+  channels_last: the UNet's convolution weights in NHWC memory order;
+  compile: the UNet wrapped in `torch.compile` (inductor, C++ kernels on the
+    CPU; the first calls of each batch shape compile).
+  """
+
+  attention: str = "sdpa"
+  channels_last: bool = False
+  compile: bool = False
+
+
+def _apply_options(unet, options: Options):
+  """The UNet with `options` applied (compiled: a wrapper module sharing its parameters)."""
+  from diffusers.models.attention_processor import AttnProcessor
+  from diffusers.models.attention_processor import AttnProcessor2_0
+
+  processors = {"sdpa": AttnProcessor2_0, "math": AttnProcessor}
+  if options.attention not in processors:
+    raise ValueError(f"attention {options.attention!r}: one of {sorted(processors)}")
+  unet.set_attn_processor(processors[options.attention]())
+  if options.channels_last:
+    unet.to(memory_format=torch.channels_last)
+  return torch.compile(unet) if options.compile else unet
+
+
 @dataclasses.dataclass
 class TorchModel:
   """The PyTorch modules with our weights, and the noise schedule."""
@@ -61,7 +97,7 @@ class TorchModel:
   latent_shape: tuple[int, int, int]
 
 
-def convert(model, params) -> TorchModel:
+def convert(model, params, options: Options = Options()) -> TorchModel:
   """Our DiffusionModel and params {"unet", "vae", "text_encoder"} as PyTorch modules (float32)."""
   from diffusers import AutoencoderKL
   from diffusers import UNet2DConditionModel
@@ -84,7 +120,7 @@ def convert(model, params) -> TorchModel:
   for module in (unet, vae, text_encoder):
     module.float().eval()
   return TorchModel(
-    unet=unet,
+    unet=_apply_options(unet, options),
     vae=vae,
     text_encoder=text_encoder,
     alphas_cumprod=torch.tensor(model.schedule.alphas_cumprod, dtype=torch.float32),

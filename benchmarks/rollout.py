@@ -32,7 +32,7 @@ def main(argv):
   if use_reference:
     from benchmarks import reference
 
-    ref = reference.convert(s.model, s.params)
+    ref = reference.convert(s.model, s.params, speed.reference_options())
     speed.emit(
       dict(speed.check_against_reference(s, ref, trajectory, context, negative_context, images), **s.describe())
     )
@@ -57,7 +57,11 @@ def main(argv):
     if name == "ours":
       record.update(compile_s=compile_s, peak_mb=speed.peak_mb(sampler), **speed.flops_fields(flops, median, peak))
     else:
-      record.update(torch_threads=reference.num_threads(), **speed.flops_fields(flops, median, peak))
+      record.update(
+        torch_threads=reference.num_threads(),
+        **speed.reference_fields(speed.reference_options()),
+        **speed.flops_fields(flops, median, peak),
+      )
     records[name] = record
     speed.emit(record)
   if speed.FLAGS.compile_steps:

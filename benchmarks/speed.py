@@ -170,6 +170,23 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_integer(
     "torch_threads", 0, "torch.set_num_threads for the reference; 0: torch's default.", flag_values=flag_values
   )
+  flags.DEFINE_enum(
+    "torch_attention",
+    "sdpa",
+    ["sdpa", "math"],
+    "The reference's attention: diffusers' AttnProcessor2_0 (scaled_dot_product_attention) or AttnProcessor.",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_bool(
+    "torch_channels_last", False, "The reference's UNet in channels_last memory order.", flag_values=flag_values
+  )
+  flags.DEFINE_bool(
+    "torch_compile",
+    False,
+    "torch.compile the reference's UNet (its compilation falls in the warm-up runs and is reported as "
+    "reference_compile_s).",
+    flag_values=flag_values,
+  )
   flags.DEFINE_integer(
     "matmul_size", 2048, "n of the n x n matmul that measures the peak FLOP/s.", flag_values=flag_values
   )
@@ -334,14 +351,22 @@ def bench_config(config, preset: Preset | None, overrides: dict[str, int], num_b
   return config
 
 
+def bench_prompts(batch_size: int) -> list[str]:
+  """The bench's prompts: 4 toy-world words each, drawn from a fixed seed."""
+  import numpy as np
+
+  from ddpo_jax.toy import shapes as toy_shapes
+
+  rng = np.random.default_rng(0)
+  return [" ".join(rng.choice(toy_shapes.vocabulary(), 4)) for _ in range(batch_size)]
+
+
 def setup(num_batches: int = 1) -> Setup:
   """The Setup of this run's flags."""
   import jax
-  import numpy as np
 
   from ddpo_jax import sharding
   from ddpo_jax import steps
-  from ddpo_jax.toy import shapes as toy_shapes
 
   preset = PRESETS.get(FLAGS.size)
   overrides = {k: getattr(FLAGS, k) for k in ("batch_size", "num_steps", "minibatch")}
@@ -350,9 +375,7 @@ def setup(num_batches: int = 1) -> Setup:
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   config, model, layout = steps.configure(config, model, params["unet"], mesh)
   jitted = steps.jit(config, model, mesh, layout)
-  words = toy_shapes.vocabulary()
-  rng = np.random.default_rng(0)
-  prompts = [" ".join(rng.choice(words, 4)) for _ in range(config.sample.batch_size)]
+  prompts = bench_prompts(config.sample.batch_size)
   reference_minibatch = FLAGS.reference_minibatch or (preset.reference_minibatch if preset else 4)
   return Setup(FLAGS.size, model, params, config, mesh, layout, jitted, prompts, reference_minibatch)
 
@@ -545,6 +568,20 @@ def make_rollouts(s: Setup, trajectory, context, advantages):
     context=context,
     weights=jnp.asarray(advantages, jnp.float32),
   )
+
+
+def reference_options():
+  """The flags' benchmarks.reference.Options."""
+  from benchmarks import reference
+
+  return reference.Options(
+    attention=FLAGS.torch_attention, channels_last=FLAGS.torch_channels_last, compile=FLAGS.torch_compile
+  )
+
+
+def reference_fields(options) -> dict[str, Any]:
+  """The reference's settings, for its records."""
+  return {f"torch_{k}": v for k, v in dataclasses.asdict(options).items()}
 
 
 def reference_kwargs(s: Setup) -> dict[str, Any]:

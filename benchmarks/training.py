@@ -48,7 +48,7 @@ def main(argv):
   if use_reference:
     from benchmarks import reference
 
-    ref = reference.convert(s.model, s.params)
+    ref = reference.convert(s.model, s.params, speed.reference_options())
     speed.emit(
       dict(speed.check_against_reference(s, ref, trajectory, context, negative_context, images), **s.describe())
     )
@@ -87,7 +87,11 @@ def main(argv):
         **speed.flops_fields(flops, median, peak),
       )
     else:
-      record.update(minibatch_trajectories=s.reference_minibatch, **speed.flops_fields(flops, median, peak))
+      record.update(
+        minibatch_trajectories=s.reference_minibatch,
+        **speed.reference_fields(speed.reference_options()),
+        **speed.flops_fields(flops, median, peak),
+      )
     records[name] = record
     speed.emit(record)
   if "reference" in records:

@@ -71,6 +71,24 @@ def test_rollout(run_bench):
     assert positive(impls["ratio"]["images_per_s"])
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_reference_options_keep_the_log_probs(run_bench):
+  records = run_bench(rollout, "--torch_attention=math", "--torch_channels_last")
+  check_fairness(records)
+  reference_record = by_impl(records, "rollout")["torch_reference"]
+  assert reference_record["torch_attention"] == "math" and reference_record["torch_channels_last"]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch")
+def test_check_fails_when_the_reference_computes_other_log_probs(run_bench, monkeypatch):
+  from benchmarks import reference
+
+  gaussian_log_prob = reference.gaussian_log_prob
+  monkeypatch.setattr(reference, "gaussian_log_prob", lambda *args: gaussian_log_prob(*args) + 1e-3)
+  (check,) = [r for r in run_bench(rollout) if r["bench"] == "check"]
+  assert not check["passed"] and check["log_prob_max_abs_diff"] > check["tolerance"], check
+
+
 def test_train(run_bench):
   records = run_bench(training)
   check_fairness(records)
