@@ -263,23 +263,21 @@ class MetricWriter:
     if not self.enabled:
       return None
     grid = make_grid(images, labels, columns=columns, scale=scale)
-    folder = os.path.join(self.workdir, "images")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{name.replace('/', '_')}_{int(step):05d}.png")
-    Image.fromarray(grid).save(path)
-    self._tensorboard.add_image(name, grid, int(step), dataformats="HWC")
-    self._tensorboard.flush()
-    return path
+    return self._save_picture(f"{name.replace('/', '_')}_{int(step):05d}", name, grid, int(step))
 
   def write_grid(self, name: str, grid: np.ndarray) -> str | None:
     """Saves a composed picture uint8 [H, W, 3] to images/{name}.png (replaced whole) and TensorBoard (step 0)."""
     if not self.enabled:
       return None
-    path = os.path.join(self.workdir, "images", f"{name}.png")
+    return self._save_picture(name, name, grid, 0)
+
+  def _save_picture(self, file_name: str, tag: str, grid: np.ndarray, step: int) -> str:
+    """images/{file_name}.png, written atomically (a kill leaves the old file or the new), and TensorBoard's `tag`."""
+    path = os.path.join(self.workdir, "images", f"{file_name}.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.fromarray(grid).save(path + ".tmp", format="PNG")
     os.replace(path + ".tmp", path)
-    self._tensorboard.add_image(name, grid, 0, dataformats="HWC")
+    self._tensorboard.add_image(tag, grid, step, dataformats="HWC")
     self._tensorboard.flush()
     return path
 
