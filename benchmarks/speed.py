@@ -183,8 +183,8 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_bool(
     "torch_compile",
     False,
-    "torch.compile the reference's UNet (its compilation falls in the warm-up runs and is reported as "
-    "reference_compile_s).",
+    "torch.compile the reference's UNet (its compilation falls in the fairness check and the warm-up runs, "
+    "outside the timed medians).",
     flag_values=flag_values,
   )
   flags.DEFINE_integer(
