@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import jax
@@ -26,7 +25,6 @@ from ddpo_jax import config_utils
 from ddpo_jax import metrics
 from ddpo_jax import prompts
 from ddpo_jax import rewards
-from ddpo_jax import sharding
 from ddpo_jax import steps as steps_lib
 from ddpo_jax import train
 from ddpo_jax import validation
@@ -148,39 +146,42 @@ def test_sigterm_saves_and_stops_after_the_epoch(tiny_model_dir, uninterrupted, 
 
 def test_sigterm_during_the_training_pass_saves_that_epoch(tiny_model_dir, tmp_path, monkeypatch):
   """A SIGTERM that arrives while epoch 1's training pass is still on the device saves checkpoint 2 and
-  stops: the flag is read once the epoch's device work is done, not as soon as it is dispatched (which
-  acted on it one epoch late; a Cloud TPU spot VM has about 30 s)."""
+  stops, and the flag is read only once the epoch's device work is done (read as soon as the pass was
+  dispatched, a signal during the pass was acted on one epoch late; a Cloud TPU spot VM has about 30 s)."""
   build = steps_lib.build
-  calls = []
+  calls, last_state, ready_when_read = [], [], []
   values = overrides(tiny_model_dir, **{"checkpoint.every_epochs": 0, "eval.every_epochs": 0})
   values["train.num_inner_epochs"] = 1
 
   @jax.jit
-  def seconds_of_work(x):  # seconds of matmuls on the CPU, dispatched asynchronously (a host callback is not)
-    return (jax.lax.fori_loop(0, 1500, lambda i, a: jnp.tanh(a @ a), x)[0, 0] * 0).astype(jnp.int32)
+  def seconds_of_work(step):  # seconds of matmuls, dispatched asynchronously (a host callback would run inline)
+    work = jax.lax.fori_loop(0, 1500, lambda i, a: jnp.tanh(a @ a), jnp.full((512, 512), 1e-3))
+    return step + (work[0, 0] * 0).astype(step.dtype)
 
-  add = jax.jit(lambda step, zero: step + zero)
-
-  def build_with_a_slow_first_update(*args, **kwargs):
+  def build_with_a_slow_last_update(*args, **kwargs):
     run = build(*args, **kwargs)
-    work = jnp.full((512, 512), 1e-3)
-    replicated = sharding.replicated(run.mesh)
-    add(jax.device_put(jnp.zeros((), jnp.int32), replicated), jax.device_put(seconds_of_work(work), replicated))
 
     def optimizer_step(state, *rest):
       state, step_metrics = run.optimizer_step(state, *rest)
       calls.append(1)
-      # After epoch 1's last update is dispatched (epoch 0 compiles), its device work goes on for seconds;
-      # the signal comes 0.5 s in.
-      if len(calls) == 2 * run.num_updates * values["train.num_inner_epochs"]:
-        state = state.replace(step=add(state.step, jax.device_put(seconds_of_work(work), state.step.sharding)))
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+      if len(calls) == 2 * run.num_updates * values["train.num_inner_epochs"]:  # epoch 1's last update
+        state = state.replace(step=seconds_of_work(state.step))
+        os.kill(os.getpid(), signal.SIGTERM)  # while that work is still running
+      last_state[:] = [state]
       return state, step_metrics
 
     return dataclasses.replace(run, optimizer_step=optimizer_step)
 
-  monkeypatch.setattr(steps_lib, "build", build_with_a_slow_first_update)
+  requested = checkpoints.PreemptionFlag.requested
+
+  def requested_once_the_work_is_done(flag):
+    ready_when_read.append(all(leaf.is_ready() for leaf in jax.tree.leaves(last_state[0])))
+    return requested(flag)
+
+  monkeypatch.setattr(steps_lib, "build", build_with_a_slow_last_update)
+  monkeypatch.setattr(checkpoints.PreemptionFlag, "requested", requested_once_the_work_is_done)
   summary = train.train_and_evaluate(make_config(values), str(tmp_path))
+  assert ready_when_read == [True, True]
   assert summary["preempted"] and summary["epoch"] == 1
   assert [r["epoch"] for r in metrics.read_metrics(str(tmp_path))] == [0, 1]
   assert sorted(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit()) == [2]
