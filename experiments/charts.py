@@ -41,8 +41,12 @@ def line_chart(
   ylabel: str,
   size: tuple[int, int] = (620, 420),
   legend: bool = True,
+  bands: Sequence[tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> Image.Image:
-  """A chart of (label, xs, ys) lines, one colour each, with axes, ticks, grid and (optionally) a legend."""
+  """A chart of (label, xs, ys) lines, one colour each, with axes, ticks, grid and (optionally) a legend.
+
+  bands: per series, (lows, highs) at its xs, drawn as a pale band behind its line.
+  """
   width, height = size
   left, right, top, bottom = 72, 16, 36, 52
   font, small = _font(15), _font(12)
@@ -50,6 +54,7 @@ def line_chart(
   draw = ImageDraw.Draw(image)
   xs_all = [x for _, xs, _ in series for x in xs]
   ys_all = [y for _, _, ys in series for y in ys if np.isfinite(y)]
+  ys_all += [y for band in bands or () for edge in band for y in edge if np.isfinite(y)]
   x_ticks = nice_ticks(min(xs_all), max(xs_all), 6)
   y_ticks = nice_ticks(min(ys_all), max(ys_all), 5)
   x_low, x_high = min(x_ticks[0], min(xs_all)), max(x_ticks[-1], max(xs_all))
@@ -69,6 +74,16 @@ def line_chart(
     text = f"{x:g}"
     draw.text((px - draw.textlength(text, font=small) / 2, height - bottom + 6), text, fill="black", font=small)
   draw.rectangle([left, top, width - right, height - bottom], outline="black")
+  if bands:
+    overlay = Image.new("RGBA", size, (0, 0, 0, 0))
+    overlay_draw = ImageDraw.Draw(overlay)
+    for (_, xs, _), (lows, highs), colour in zip(series, bands, COLOURS):
+      edge = [(x, lo, hi) for x, lo, hi in zip(xs, lows, highs) if np.isfinite(lo) and np.isfinite(hi)]
+      if len(edge) > 1:
+        outline = [to_px(x, hi) for x, _, hi in edge] + [to_px(x, lo) for x, lo, _ in reversed(edge)]
+        overlay_draw.polygon(outline, fill=colour + (56,))
+    image = Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB")
+    draw = ImageDraw.Draw(image)
   for (_, xs, ys), colour in zip(series, COLOURS):
     points = [to_px(x, y) for x, y in zip(xs, ys) if np.isfinite(y)]
     draw.line(points, fill=colour, width=2, joint="curve")

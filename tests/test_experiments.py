@@ -7,6 +7,7 @@ evaluation records, and the study's input.
 
 import json
 import os
+import shutil
 import types
 
 import jax
@@ -17,6 +18,7 @@ import pytest
 
 from ddpo_jax import evaluation
 from ddpo_jax import methods
+from ddpo_jax import metrics
 from ddpo_jax import models
 from ddpo_jax import objectives
 from ddpo_jax import prompts
@@ -120,15 +122,19 @@ def test_denoising_examples_are_noised_final_latents():
 # ---------------------------------------------------------------------------
 
 
+LR = 3e-4
+
+
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("study"))
-  records = study.run("compress", "rwr", 0, workdir, EPOCHS)
-  return workdir, records
+  """(workdir, records, out): the run trained through the study's resumable path, its summary in out."""
+  workdir, out = str(tmp_path_factory.mktemp("study")), str(tmp_path_factory.mktemp("study_out"))
+  study.obtain("compress", "rwr", LR, 0, workdir, out, EPOCHS)
+  return workdir, metrics.read_metrics(os.path.join(workdir, "compress", "rwr", study.run_name(LR, 0))), out
 
 
 def test_rwr_round_on_the_tiny_preset(study_run):
-  _, records = study_run
+  _, records, _ = study_run
   train_records = [r for r in records if r["split"] == "train"]
   assert [r["epoch"] for r in train_records] == list(range(EPOCHS))
   for r in train_records:
@@ -140,7 +146,7 @@ def test_rwr_round_on_the_tiny_preset(study_run):
 
 def test_held_out_evaluation_is_reported(study_run):
   """The toy model is evaluated on colour × shape pairs never trained on, before and after training."""
-  workdir, records = study_run
+  workdir, records, _ = study_run
   evals = [r for r in records if r["split"] == "eval"]
   assert [r["epoch"] for r in evals] == [-1, EPOCHS - 1]
   assert [r["samples"] for r in evals] == [0, EPOCHS * 64]
@@ -149,14 +155,14 @@ def test_held_out_evaluation_is_reported(study_run):
       assert np.isfinite(r[f"reward_{name}_mean"]) and r[f"reward_{name}_invalid"] == 0, name
     assert r["reward_mean"] == r["reward_jpeg_compressibility_mean"]
     assert 0 < r["diversity"] < 1 and 0 < r["diversity_all"] < 1
-  images = os.listdir(os.path.join(workdir, "compress", "rwr", "seed0", "images"))
+  images = os.listdir(os.path.join(workdir, "compress", "rwr", study.run_name(LR, 0), "images"))
   assert {"eval_samples_start_00000.png", f"eval_samples_{EPOCHS - 1:05d}.png"} <= set(images)
 
 
 def test_evaluation_is_deterministic(study_run):
   """Steps built anew, evaluating the pretrained params twice, reproduce the run's own first evaluation exactly."""
-  _, records = study_run
-  config = study.run_config("compress", "rwr", 0, EPOCHS)
+  _, records, _ = study_run
+  config = study.run_config("compress", "rwr", LR, 0, EPOCHS)
   model, params = models.load(config.model.name)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   run = steps.prepare(config, model, params, mesh, names=("eval_sample",))
@@ -194,21 +200,82 @@ def test_pairwise_rms_distance_by_hand():
 
 
 def test_study_writes_its_plot_and_table(study_run, tmp_path):
-  _, records = study_run
-  results = {"compress": {"rwr": [study.summarise(records, EPOCHS)]}}
+  _, records, out = study_run
+  results = study.assemble(study.load_summaries(out), sweep_seed=0)
+  assert list(results) == ["compress"] and list(results["compress"]) == ["rwr"]
+  assert results["compress"]["rwr"]["learning_rate"] == LR
+  assert results["compress"]["rwr"]["runs"][0]["reward"] == study.summarise(records, EPOCHS)["reward"]
   paths = study.write_outputs(results, str(tmp_path))
   assert sorted(os.path.basename(p) for p in paths) == ["study.json", "study.md", "study_compress.png"]
   with Image.open(tmp_path / "study_compress.png") as image:
     assert image.size[0] > 400 and image.size[1] > 300
   table = (tmp_path / "study.md").read_text()
-  assert "| compress | RWR |" in table
+  assert f"| compress | RWR | {LR:g} | 1 |" in table
   summary = json.loads((tmp_path / "study.json").read_text())
-  assert len(summary["compress"]["rwr"][0]["reward"]) == EPOCHS
+  assert len(summary["compress"]["rwr"]["runs"][0]["reward"]) == EPOCHS
+
+
+def test_study_resume_skips_finished_runs(study_run, monkeypatch):
+  """A run with a summary is not trained again, nor one complete in its workdir; a changed setting reruns it."""
+  workdir, _, out = study_run
+  with open(study.summary_path(out, "compress", "rwr", LR, 0)) as f:
+    summary = json.load(f)
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("trained again")
+
+  monkeypatch.setattr(study.subprocess, "run", no_training)
+  assert study.obtain("compress", "rwr", LR, 0, str(workdir) + "-gone", out, EPOCHS) == summary
+  # Without the summary, the complete workdir is summarised again, to the same figures.
+  moved = str(out) + "-moved"
+  shutil.copytree(out, moved)
+  os.remove(study.summary_path(moved, "compress", "rwr", LR, 0))
+  assert study.obtain("compress", "rwr", LR, 0, workdir, moved, EPOCHS) == summary
+  # A setting the summary recorded changes: the summary is stale, the run is trained again.
+  monkeypatch.setitem(study.TASKS, "compress", study.TASKS["compress"][:2] + (0.2,))
+  with pytest.raises(AssertionError, match="trained again"):
+    study.obtain("compress", "rwr", LR, 0, str(workdir) + "-gone", out, EPOCHS)
+
+
+def summary(task, method, lr, seed, end):
+  return dict(task=task, method=method, learning_rate=lr, seed=seed, end=end, start=0.0, reward=[0.0, end])
+
+
+def test_study_takes_each_methods_best_learning_rate_of_the_sweep_seed():
+  summaries = [
+    summary("compress", "rwr", 1e-4, 0, 0.5),
+    summary("compress", "rwr", 3e-4, 0, 0.7),
+    summary("compress", "rwr", 1e-3, 0, 0.7),  # a tie: the smaller rate
+    summary("compress", "rwr", 1e-3, 1, 0.9),  # not the sweep seed
+    summary("compress", "rwr", 3e-4, 2, 0.6),
+    summary("compress", "rwr", 3e-4, 1, 0.4),
+    summary("toy_alignment", "ddpo_is", 1e-3, 0, 0.1),
+    summary("compress", "ddpo_is", 1e-3, 1, 0.1),  # no sweep-seed run: left out
+  ]
+  results = study.assemble(summaries, sweep_seed=0)
+  assert list(results) == ["compress", "toy_alignment"]
+  assert list(results["compress"]) == ["rwr"]
+  entry = results["compress"]["rwr"]
+  assert entry["learning_rate"] == 3e-4 and entry["sweep"] == {1e-4: 0.5, 3e-4: 0.7, 1e-3: 0.7}
+  assert [r["seed"] for r in entry["runs"]] == [0, 1, 2]
+  assert results["toy_alignment"]["ddpo_is"]["learning_rate"] == 1e-3
+
+
+def test_the_committed_study_table_comes_from_the_committed_summaries():
+  """docs/study/study.md is what the committed run summaries give (python -m experiments.study --summaries_only)."""
+  folder = os.path.join(os.path.dirname(__file__), "..", "docs", "study")
+  summaries = study.load_summaries(folder)
+  assert summaries, "no run summaries under docs/study/runs"
+  for s in summaries:
+    assert s["settings"]["seed"] == s["seed"] and s["settings"]["train.learning_rate"] == s["learning_rate"]
+    assert s["settings"]["train.method"] == s["method"] and len(s["reward"]) == s["num_epochs"]
+  with open(os.path.join(folder, "study.md"), encoding="utf-8") as f:
+    assert f.read() == study.table(study.assemble(summaries, sweep_seed=0)) + "\n"
 
 
 def test_study_ordering_check():
   def runs(end):
-    return [{"start": 0.0, "end": end}]
+    return {"runs": [{"start": 0.0, "end": end}]}
 
   assert study.ordering({"ddpo_is": runs(3), "ddpo_sf": runs(2), "rwr": runs(1), "rwr_sparse": runs(0)}) == "yes"
   assert study.ordering({"ddpo_is": runs(3), "ddpo_sf": runs(2), "rwr": runs(2.5)}) == "no"
