@@ -48,12 +48,24 @@ def tiny_loaded(tiny_model_dir):
   return models.load(tiny_model_dir)
 
 
+# The training values the tests using the tiny preset were written for (the
+# preset's before it gained KL and a second inner epoch): one on-policy
+# optimiser step per epoch, no reference forward pass.
+TESTS_TRAINING = {
+  "train.kl_coef": 0.0,
+  "train.num_inner_epochs": 1,
+  "train.clip_range": 1e-4,
+  "train.learning_rate": 3e-4,
+}
+
+
 def tiny_config(model_dir, **overrides):
   """configs/compress.py:tiny on the tests' tiny model: 16 samples of 4 steps, minibatches of 16."""
   from ddpo_jax import config_utils
 
   config = config_utils.get_config("configs/compress.py:tiny")
   values = {
+    **TESTS_TRAINING,
     "model.name": model_dir,
     "sample.batch_size": 16,
     "sample.num_batches_per_epoch": 1,

@@ -50,6 +50,8 @@ def config():
   # another reduction order flips the signs of tiny gradients).
   c.train.adam_eps = 1.0
   c.train.learning_rate = 0.1
+  c.train.num_inner_epochs = 1  # one on-policy step per epoch, no reference pass: the test's settings
+  c.train.kl_coef = 0.0
   c.mesh.data = 2
   c.mesh.fsdp = 2
   c.mesh.fsdp_min_size = 256

@@ -30,7 +30,8 @@ def run(spec, workdir, **overrides):
 
 
 # compress: reward = -kB rises (images get more compressible); incompress:
-# reward = +kB rises (less compressible).
+# reward = +kB rises (less compressible). Either way the held-out samples keep
+# their shapes (the preset's KL to the pretrained model).
 @pytest.mark.parametrize("spec", ["configs/compress.py:tiny", "configs/incompress.py:tiny"])
 def test_tiny_preset_improves_its_reward(spec, tmp_path):
   all_records = run(spec, tmp_path)
@@ -41,6 +42,8 @@ def test_tiny_preset_improves_its_reward(spec, tmp_path):
   first = np.mean([r["reward_mean"] for r in records[:2]])
   last = np.mean([r["reward_mean"] for r in records[-2:]])
   assert last - first > 0.5 * records[0]["reward_std"], (first, last)
+  if spec == "configs/compress.py:tiny":
+    assert last - first >= 0.2, (first, last)  # kB: the paper's effect, visible in the first minutes
   # The first minibatch of each epoch is on-policy: its ratio is 1.
   assert max(r["onpolicy_ratio_deviation"] for r in records) < 1e-5
   assert os.path.exists(tmp_path / "config.json")
@@ -50,6 +53,9 @@ def test_tiny_preset_improves_its_reward(spec, tmp_path):
   evals = [r for r in all_records if r["split"] == "eval"]
   assert [r["epoch"] for r in evals] == [-1, 3, 7, 11]
   assert all(np.isfinite(r["reward_toy_alignment_mean"]) and np.isfinite(r["diversity"]) for r in evals)
+  # The samples stay recognisable: the held-out prompts' shapes and colours are still drawn.
+  alignment = [r["reward_toy_alignment_mean"] for r in evals]
+  assert alignment[-1] >= alignment[0] - 0.05, alignment
   if spec == "configs/compress.py:tiny":
     check_before_after(spec, tmp_path, evals[-1]["epoch"])
 

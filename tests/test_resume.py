@@ -28,11 +28,13 @@ from ddpo_jax import rewards
 from ddpo_jax import steps as steps_lib
 from ddpo_jax import train
 from ddpo_jax import validation
+from tests.conftest import TESTS_TRAINING
 
 NUM_EPOCHS = 3
 # Settings of a small run of the tiny test model: per-prompt statistics over a
 # few prompts, so that the stat tracker's buffers must be restored too.
 OVERRIDES = {
+  **TESTS_TRAINING,
   "num_epochs": NUM_EPOCHS,
   "prompt.name": "tests.test_resume:three_shapes",
   "stat_tracking.per_prompt": True,

@@ -22,10 +22,12 @@ def layout_of(params, **overrides):
 def test_layout_from_shapes_alone(tiny_loaded):
   _, params = tiny_loaded
   shapes = {"unet": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params["unet"])}
-  layout, _ = layout_of(shapes, **{"train.ema_decay": 0.5})
+  layout, _ = layout_of(shapes, **{"train.ema_decay": 0.5, "train.kl_coef": 0.0})
   assert jax.tree.structure(layout.state.params) == jax.tree.structure(params["unet"])
   assert layout.state_sharding.ema_params == layout.state_sharding.params
   assert layout.base is None and layout.base_sharding is None  # full fine-tuning without KL
+  kl_layout, _ = layout_of(shapes, **{"train.kl_coef": 0.1})  # the KL's reference: the pretrained params
+  assert jax.tree.structure(kl_layout.base) == jax.tree.structure(params["unet"]) and kl_layout.needs_base
   lora_layout, _ = layout_of(shapes, **{"lora.rank": 2})
   assert lora_layout.base is lora_layout.unet and lora_layout.needs_base
 

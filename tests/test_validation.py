@@ -54,10 +54,13 @@ def test_invalid_setting_is_named(setting, value, message, tmp_path):
   "overrides,message",
   [
     ({"train.method": "rwr", "train.rwr_temperature": 0.0}, "config.train.rwr_temperature=0.0 must be > 0"),
-    ({"train.method": "rwr_sparse", "train.rwr_percentile": 100.0}, "config.train.rwr_percentile=100.0 must be in"),
-    ({"train.method": "rwr", "train.kl_coef": 0.1}, "RWR (config.train.method='rwr') trains on denoising examples"),
     (
-      {"train.method": "rwr", "train.advantages": "group", "sample.group_size": 4},
+      {"train.method": "rwr_sparse", "train.kl_coef": 0.0, "train.rwr_percentile": 100.0},
+      "config.train.rwr_percentile=100.0 must be in",
+    ),
+    ({"train.method": "rwr"}, "config.train.kl_coef=0.1: the KL regulariser acts on DDPO's transitions; RWR"),
+    (
+      {"train.method": "rwr", "train.kl_coef": 0.0, "train.advantages": "group", "sample.group_size": 4},
       "config.train.advantages='group': RWR",
     ),
   ],
@@ -70,11 +73,15 @@ def test_rwr_settings_are_named(overrides, message, tmp_path):
 def test_score_function_needs_one_step_per_batch(tmp_path):
   config = tiny()
   config.train.method = "ddpo_sf"
+  config.train.num_inner_epochs = 1
   config.train.gradient_accumulation_steps = 2
   with pytest.raises(validation.ConfigError, match="gradient_accumulation_steps=10"):
     validation.validate(config, str(tmp_path), num_devices=8)
   config.train.gradient_accumulation_steps = 10
   validation.validate(config, str(tmp_path), num_devices=8)
+  config.train.num_inner_epochs = 2  # a second pass would reuse the samples
+  with pytest.raises(validation.ConfigError, match="num_inner_epochs=1"):
+    validation.validate(config, str(tmp_path), num_devices=8)
 
 
 def test_model_folder_without_components(tmp_path):
