@@ -136,6 +136,28 @@ def test_token_ids_are_clip_processors(torch_clip):
   assert ids[2, -1] == scorer.tokenizer.eos_token_id  # the long prompt ends in eos at position 76
 
 
+def test_hub_ids_download_the_model_and_the_processor_files(torch_clip, monkeypatch):
+  """The model's config.json and safetensors at the revision; the processor's tokenizer and preprocessing files
+  at its default revision, or the model's own at the revision when no processor is named."""
+  import huggingface_hub
+
+  folder, _ = torch_clip
+  calls = []
+  monkeypatch.setattr(
+    huggingface_hub, "snapshot_download", lambda repo, **kwargs: calls.append((repo, kwargs)) or folder
+  )
+  scorer = clip_score.load("owner/clip", processor="owner/processor", revision="abc123")
+  assert scorer.image_size == IMAGE_SIZE and scorer.max_tokens == 77
+  assert calls == [
+    ("owner/clip", {"revision": "abc123", "allow_patterns": list(clip.HUB_PATTERNS)}),
+    ("owner/processor", {"revision": None, "allow_patterns": list(clip_score.PROCESSOR_FILES)}),
+  ]
+  calls.clear()
+  clip_score.load("owner/clip", revision="abc123")
+  assert [call[0] for call in calls] == ["owner/clip", "owner/clip"]
+  assert calls[1][1] == {"revision": "abc123", "allow_patterns": list(clip_score.PROCESSOR_FILES)}
+
+
 # ----------------------------------------------------------------------------
 # Gradients.
 # ----------------------------------------------------------------------------
