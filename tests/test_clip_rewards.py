@@ -20,6 +20,7 @@ from ddpo_jax.models import clip
 from ddpo_jax.rewards import aesthetic
 from ddpo_jax.rewards import clip_score
 from ddpo_jax.toy import shapes
+from tests.conftest import TESTS_TRAINING
 
 # A logit scale other than CLIP's init (ln 1/0.07) and OpenAI's trained one (ln 100).
 LOGIT_SCALE = math.log(37.0)
@@ -248,13 +249,17 @@ def test_a_vision_tower_folder_is_not_a_clip_model(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-def test_pickscore_tiny_trains_two_epochs(tmp_path):
-  """configs/pickscore.py:tiny (the shipped toy-world model, tiny-random PickScore) on toy captions, made short:
-  2 epochs of 8 samples of 4 steps, one minibatch of 8 per optimiser step (the fewest steps to compile)."""
-  config = config_utils.get_config("configs/pickscore.py:tiny")
-  assert config.reward.name == "pickscore" and config.reward.kwargs.model == "tiny-random"
+@pytest.mark.parametrize("spec, reward", [("configs/pickscore.py:tiny", "pickscore"), ("configs/clip_score.py:tiny", "clip_score")])
+def test_tiny_preset_trains_two_epochs(spec, reward, tiny_model_dir, tmp_path):
+  """Each tiny preset (tiny-random CLIP on toy captions) on the tests' tiny model, made short: 2 epochs of 8
+  samples of 4 steps, one minibatch of 8 per optimiser step (the fewest steps to compile)."""
+  config = config_utils.get_config(spec)
+  kwargs = config.reward.kwargs
+  assert config.reward.name == reward and (kwargs.get("model") or kwargs.get("clip_model")) == "tiny-random"
   assert config.model.name == "toy-world" and config.prompt.name == "toy_scenes"
   overrides = {
+    **TESTS_TRAINING,
+    "model.name": tiny_model_dir,
     "num_epochs": 2,
     "sample.batch_size": 8,
     "sample.num_batches_per_epoch": 1,
