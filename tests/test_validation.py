@@ -106,6 +106,8 @@ def test_unwritable_workdir(tmp_path):
     "configs/compress.py:tiny",
     "configs/incompress.py:tiny",
     "configs/toy_alignment.py:tiny",
+    "configs/clip_score.py:tiny",
+    "configs/pickscore.py:tiny",
   ],
 )
 def test_shipped_configs_are_valid(spec, tmp_path):

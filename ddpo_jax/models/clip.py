@@ -116,11 +116,35 @@ def load_folder(
   return clip_towers.load_vision_tower(folder, dtype)
 
 
-def download(repo_id: str, revision: str | None = None) -> str:
-  """The local snapshot folder of a Hub repo's config.json and *.safetensors (downloaded once, then cached)."""
+def download(repo_id: str, revision: str | None = None, patterns: tuple[str, ...] = HUB_PATTERNS) -> str:
+  """The local snapshot folder of a Hub repo's files matching `patterns` (default: config.json and
+  *.safetensors), downloaded once, then cached."""
   from huggingface_hub import snapshot_download
 
-  return snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS))
+  return snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns))
+
+
+def local_folder(name: str, revision: str | None = None) -> str:
+  """The folder that the local name `name` means (~ expanded).
+
+  Raises ValueError when a revision is given (revisions are the Hub's) and
+  FileNotFoundError when there is no such folder.
+  """
+  if revision:
+    raise ValueError(f"revision {revision!r} applies to Hugging Face ids, not to the local folder {name!r}")
+  path = os.path.expanduser(name)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path!r} is not a folder (nor a Hugging Face id)")
+  return path
+
+
+def missing_hub_weights(name: str, revision: str | None, error: Exception) -> FileNotFoundError:
+  """The error for a Hub repo whose snapshot lacks config.json or *.safetensors, with the ways out."""
+  return FileNotFoundError(
+    f"the Hub repo {name!r} (revision {revision or 'default'}) lacks config.json or *.safetensors weights, "
+    f"the only files ddpo_jax downloads ({error}); pickled PyTorch weights: {pytorch_weights.CONVERT_HINT}, "
+    f"then pass the folder; transformers' Flax weights: pass a folder with config.json and {FLAX_WEIGHTS}"
+  )
 
 
 def load_vision(
@@ -144,20 +168,11 @@ def load_vision(
   if name == TINY_RANDOM:
     module, params = tiny_vision(dtype=compute_dtype)
   elif diffusion.is_local(name):
-    if revision:
-      raise ValueError(f"revision {revision!r} applies to Hugging Face ids, not to the local folder {name!r}")
-    path = os.path.expanduser(name)
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"{path!r} is not a folder (nor a Hugging Face id)")
-    module, params = load_folder(path, compute_dtype)
+    module, params = load_folder(local_folder(name, revision), compute_dtype)
   else:
     folder = download(name, revision)
     try:
       module, params = clip_towers.load_vision_tower(folder, compute_dtype)
     except FileNotFoundError as e:
-      raise FileNotFoundError(
-        f"the Hub repo {name!r} (revision {revision or 'default'}) lacks config.json or *.safetensors weights, "
-        f"the only files ddpo_jax downloads ({e}); pickled PyTorch weights: {pytorch_weights.CONVERT_HINT}, "
-        f"then pass the folder; transformers' Flax weights: pass a folder with config.json and {FLAX_WEIGHTS}"
-      ) from e
+      raise missing_hub_weights(name, revision, e) from e
   return module, params, int(module.config.image_size)

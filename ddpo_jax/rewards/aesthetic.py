@@ -88,11 +88,27 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
   return size, int(size * width / height)
 
 
+@jax.custom_jvp
+def round_levels(x: jax.Array) -> jax.Array:
+  """x rounded to the nearest whole level (halves up), as PIL's uint8 passes; its derivative is taken as 1.
+
+  The rounding (a straight-through estimator) keeps the values PIL gives and
+  lets gradients through, so that CLIP rewards are differentiable w.r.t. the pixels.
+  """
+  return jnp.floor(x + 0.5)
+
+
+@round_levels.defjvp
+def _round_levels_jvp(primals, tangents):
+  (x,), (tangent,) = primals, tangents
+  return round_levels(x), tangent
+
+
 def _resample_axis(x: jax.Array, axis: int, length: int, size: int) -> jax.Array:
   """Axis `axis` of float pixels x resized bicubically to `length`, then its central `size` samples.
 
   Like PIL: Keys cubic (a = -0.5) with the kernel widened when shrinking
-  (antialiasing), rounded to whole uint8 levels.
+  (antialiasing), rounded to whole uint8 levels (`round_levels`).
   """
   offset = (length - size) // 2
   if length == x.shape[axis]:
@@ -101,11 +117,14 @@ def _resample_axis(x: jax.Array, axis: int, length: int, size: int) -> jax.Array
   shape[axis] = size
   scale = jnp.array([length / x.shape[axis]], jnp.float32)
   x = jax.image.scale_and_translate(x, shape, (axis,), scale, jnp.array([-offset], jnp.float32), "cubic")
-  return jnp.clip(jnp.floor(x + 0.5), 0, 255)
+  return jnp.clip(round_levels(x), 0, 255)
 
 
 def clip_pixels(images: jax.Array, size: int) -> jax.Array:
   """uint8 images [B, H, W, 3] -> CLIP-normalised float32 pixel_values [B, 3, size, size] (NCHW).
+
+  Float images (levels 0 to 255) are taken as they are, and the result is
+  differentiable w.r.t. them (see `round_levels`).
 
   As CLIPImageProcessor: bicubic resize of the shorter side to `size`, centre
   crop to size x size, scale to [0, 1], normalise by CLIP_MEAN and CLIP_STD,
@@ -145,12 +164,25 @@ def aesthetic_scores(vision_module: nn.Module, image_size: int, params: Params, 
   return AestheticMLP().apply({"params": params["mlp"]}, l2_normalize(embeddings.astype(jnp.float32)))
 
 
-def local_sharded(score_fn: Callable[[Params, jax.Array], jax.Array], params: Params, devices=None) -> RewardFn:
+def _padded(x: np.ndarray, pad: int) -> np.ndarray:
+  """x [B, ...] with `pad` rows of zeros after it."""
+  return np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
+
+
+def local_sharded(
+  score_fn: Callable[..., jax.Array],
+  params: Params,
+  devices=None,
+  prompt_inputs: Callable[[list[str]], np.ndarray] | None = None,
+) -> RewardFn:
   """A reward running `score_fn(params, images) -> [B]` jitted over `devices` (default: this process's).
 
-  The batch is split over a 1-D mesh of the devices, padded with black images
-  to a multiple of their number (the padding's scores are dropped); params are
-  replicated. Compiled once per image shape and batch size.
+  With `prompt_inputs` (prompts -> an array [B, ...], e.g. token ids [B, 77]
+  int32, computed on the host), the jitted call is `score_fn(params, images,
+  prompt_inputs(prompts))`; without, prompts are ignored. The batch (images and
+  prompt inputs alike) is split over a 1-D mesh of the devices, padded with
+  zeros (black images) to a multiple of their number (the padding's scores are
+  dropped); params are replicated. Compiled once per image shape and batch size.
   """
   devices = jax.local_devices() if devices is None else list(devices)
   mesh = Mesh(np.asarray(devices), ("batch",))
@@ -159,13 +191,15 @@ def local_sharded(score_fn: Callable[[Params, jax.Array], jax.Array], params: Pa
   jitted = jax.jit(score_fn, out_shardings=batch_sharding)
 
   def reward(images: np.ndarray, prompts: list[str]) -> np.ndarray:
-    del prompts
     images = check_images(images)
     batch = len(images)
+    inputs = [images]
+    if prompt_inputs is not None:
+      if len(prompts) != batch:
+        raise ValueError(f"{len(prompts)} prompts for {batch} images")
+      inputs.append(np.asarray(prompt_inputs(list(prompts))))
     pad = -batch % len(devices)
-    if pad:
-      images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
-    scores = jitted(params, jax.device_put(images, batch_sharding))
+    scores = jitted(params, *jax.device_put([_padded(x, pad) for x in inputs], batch_sharding))
     return np.asarray(scores, np.float32)[:batch]
 
   return reward
