@@ -322,6 +322,9 @@ class Setup:
     }
 
 
+PAPER_CLIP_RANGE = 1e-4
+
+
 def bench_config(config, preset: Preset | None, overrides: dict[str, int], num_batches: int, dtype: str):
   """The config with the size's batch, steps and minibatch (flags > preset > config), one device."""
   config = config.copy_and_resolve_references()
@@ -345,6 +348,9 @@ def bench_config(config, preset: Preset | None, overrides: dict[str, int], num_b
   config.train.gradient_accumulation_steps = transitions // minibatch
   config.train.timestep_fraction = 1.0
   config.train.num_inner_epochs = 1
+  # The paper's clip range, whatever the config's: the log-prob check's tolerance (ratios within
+  # 1 ± clip_range are clipped alike), and what ddpo-pytorch's loop uses.
+  config.train.clip_range = PAPER_CLIP_RANGE
   config.lora.rank = 0
   config.train.kl_coef = 0.0
   config.train.ema_decay = 0.0

@@ -277,3 +277,9 @@ def apply_tiny(config: ml_collections.ConfigDict) -> None:
   config.eval.prompt.kwargs = ml_collections.ConfigDict({"split": "heldout"})
   config.eval.num_samples = 32
   config.eval.rewards = ("jpeg_compressibility", "jpeg_incompressibility", "toy_alignment")
+
+
+def apply_toy_captions(config: ml_collections.ConfigDict) -> None:
+  """A tiny preset on the toy world's training captions, for rewards that read the prompt."""
+  config.prompt.name = "toy_scenes"
+  config.prompt.kwargs = ml_collections.ConfigDict({"split": "train"})

@@ -39,6 +39,5 @@ def get_config(preset: str | None = None):
     base.apply_preset(config, preset)
   if preset == "tiny":
     config.reward.kwargs.model = "tiny-random"
-    config.prompt.name = "toy_scenes"
-    config.prompt.kwargs = ml_collections.ConfigDict({"split": "train"})
+    base.apply_toy_captions(config)
   return config

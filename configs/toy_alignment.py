@@ -11,8 +11,6 @@ evaluated on the held-out pairs. It exists for the toy model only, so the
 config with and without the `tiny` preset is the same.
 """
 
-import ml_collections
-
 from ddpo_jax import config_utils
 
 base = config_utils.load_sibling(__file__, "base")
@@ -24,7 +22,6 @@ def get_config(preset: str | None = None):
   if preset:
     base.apply_preset(config, preset)
   config.reward.name = "toy_alignment"
-  config.prompt.name = "toy_scenes"
-  config.prompt.kwargs = ml_collections.ConfigDict({"split": "train"})
+  base.apply_toy_captions(config)
   config.eval.rewards = ("jpeg_compressibility", "jpeg_incompressibility")
   return config

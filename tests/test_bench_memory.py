@@ -114,8 +114,11 @@ def test_compiled_sampler_memory_is_per_device():
   plan, params = setting.plan(config.train.batch_size // 8)
   args = memory.sampler_args(plan, params, batch=16)
   assert compiled.argument == memory.bytes_per_device(args)
-  # The sampler does not read the VAE's encoder: pruned from the program, still on the device.
+  # The sampler does not read the VAE's encoder, nor the KL's reference params (the preset's kl_coef > 0; full
+  # fine-tuning samples with the policy alone): pruned from the program, still on the device.
+  assert config.train.kl_coef > 0 and plan.layout.base is not None
   unused = architectures.num_bytes({k: params["vae"][k] for k in ("encoder", "quant_conv")})
+  unused += memory.bytes_per_device(plan.layout.base)
   assert compiled.compiled_argument == compiled.argument - unused
   assert sizes["sample_outputs"] == memory.bytes_per_device(memory.sampler_outputs(plan, args))
   assert compiled.output == pytest.approx(sizes["sample_outputs"], abs=256)  # XLA:CPU pads its output table

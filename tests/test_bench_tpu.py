@@ -19,6 +19,7 @@ from ddpo_jax import config_utils
 from ddpo_jax import steps
 from ddpo_jax.bench import memory
 from ddpo_jax.bench import tpu
+from tests.conftest import TESTS_TRAINING
 
 GiB = tpu.GiB
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +33,7 @@ def small_config(**overrides):
   optimiser steps of 2 minibatches of 8 transitions (2 per inner epoch)."""
   config = config_utils.get_config(os.path.join(REPO, "configs/compress.py:tiny"))
   values = {
+    **TESTS_TRAINING,
     "sample.num_steps": 2,
     "sample.batch_size": 8,
     "sample.num_batches_per_epoch": 2,

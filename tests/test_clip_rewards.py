@@ -249,7 +249,9 @@ def test_a_vision_tower_folder_is_not_a_clip_model(tmp_path):
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec, reward", [("configs/pickscore.py:tiny", "pickscore"), ("configs/clip_score.py:tiny", "clip_score")])
+@pytest.mark.parametrize(
+  "spec, reward", [("configs/pickscore.py:tiny", "pickscore"), ("configs/clip_score.py:tiny", "clip_score")]
+)
 def test_tiny_preset_trains_two_epochs(spec, reward, tiny_model_dir, tmp_path):
   """Each tiny preset (tiny-random CLIP on toy captions) on the tests' tiny model, made short: 2 epochs of 8
   samples of 4 steps, one minibatch of 8 per optimiser step (the fewest steps to compile)."""
