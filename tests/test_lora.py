@@ -19,6 +19,7 @@ from ddpo_jax import train_state
 from ddpo_jax import update
 from ddpo_jax import validation
 from ddpo_jax.toy import shapes
+from tests.conftest import TESTS_TRAINING
 from tests.conftest import random_transitions
 
 GROUP = 4
@@ -83,6 +84,7 @@ def options_config(model_dir):
   return config_utils.override(
     config,
     {
+      **TESTS_TRAINING,  # one inner epoch: epoch 0's KL is the reference's own (test_a_run_with_every_option)
       "model.name": model_dir,
       "sample.batch_size": 8,
       "sample.num_batches_per_epoch": 1,
