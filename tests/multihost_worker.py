@@ -52,6 +52,7 @@ def config():
   c.train.learning_rate = 0.1
   c.train.num_inner_epochs = 1  # one on-policy step per epoch, no reference pass: the test's settings
   c.train.kl_coef = 0.0
+  c.train.clip_range = 1e-4
   c.mesh.data = 2
   c.mesh.fsdp = 2
   c.mesh.fsdp_min_size = 256

@@ -46,7 +46,9 @@ def test_two_processes_apply_identical_updates(tiny_model_dir, tmp_path):
   assert host0.keys() == host1.keys() == single.keys()
   for name in host0:
     np.testing.assert_array_equal(host0[name], host1[name], err_msg=name)
-  np.testing.assert_allclose(host0["reward_mean"], single["reward_mean"], rtol=1e-6)
+  # The last epoch's images come from params that differ in their last bits (another reduction order): one
+  # sample's JPEG may differ by a byte (3e-5 relative, seen once); a rewards-gathering bug moves it far more.
+  np.testing.assert_allclose(host0["reward_mean"], single["reward_mean"], rtol=1e-4)
   for name in host0:
     np.testing.assert_allclose(host0[name], single[name], rtol=1e-4, atol=1e-6, err_msg=name)
   assert os.path.exists(tmp_path / "pair" / "metrics.jsonl")
