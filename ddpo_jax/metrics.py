@@ -119,6 +119,18 @@ def make_grid(images: np.ndarray, labels: Sequence[str], columns: int = 8, scale
   return np.asarray(canvas)
 
 
+def grid_cell(grid: np.ndarray, index: int, shape: tuple[int, int], columns: int = 8, scale: int = 4) -> np.ndarray:
+  """Image `index` of a `make_grid` grid of images of `shape` (H, W): uint8 [H, W, 3].
+
+  The inverse of `make_grid` for its nearest-neighbour scale (exact on a PNG
+  the trainer wrote); `columns` and `scale` are those the grid was made with.
+  """
+  h, w = shape
+  cell_w, cell_h = scale * w + GAP, scale * h + label_strip_height() + GAP
+  y, x = (index // columns) * cell_h, (index % columns) * cell_w
+  return np.asarray(grid)[y : y + scale * h : scale, x : x + scale * w : scale, :3]
+
+
 def before_after_grid(
   before: np.ndarray, before_labels: Sequence[str], after: np.ndarray, after_labels: Sequence[str], titles=("", "")
 ) -> np.ndarray:

@@ -74,14 +74,6 @@ def pretrained_evaluation_samples(spec):
   return images
 
 
-def grid_image(grid, i, columns, shape):
-  """Image i [h, w, 3] of a `metrics.make_grid` grid of images of `shape` (h, w) at scale 4."""
-  h, w = shape
-  cell_w, cell_h = 4 * w + metrics.GAP, 4 * h + metrics.label_strip_height() + metrics.GAP
-  y, x = (i // columns) * cell_h, (i % columns) * cell_w
-  return grid[y : y + 4 * h : 4, x : x + 4 * w : 4]
-
-
 def check_before_after(spec, workdir, last_epoch):
   """images/before_after.png: on the left the pretrained model's samples of the held-out prompts and noise
   (equal to a fresh sample of it), on the right the last evaluation's samples of the same prompts and noise."""
@@ -94,8 +86,9 @@ def check_before_after(spec, workdir, last_epoch):
   np.testing.assert_array_equal(picture[top:, : left.shape[1]], left)
   right = picture[top:, picture.shape[1] - left.shape[1] :]
   final = np.asarray(Image.open(workdir / "images" / f"eval_samples_{last_epoch:05d}.png"))
-  after = np.stack([grid_image(final, i, 8, shape) for i in range(len(before))])
-  np.testing.assert_array_equal(np.stack([grid_image(right, i, 4, shape) for i in range(len(before))]), after)
+  after = np.stack([metrics.grid_cell(final, i, shape) for i in range(len(before))])
+  right_cells = [metrics.grid_cell(right, i, shape, columns=4) for i in range(len(before))]
+  np.testing.assert_array_equal(np.stack(right_cells), after)
   assert np.abs(after.astype(int) - before).mean() > 1  # trained: the samples changed
 
 

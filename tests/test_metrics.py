@@ -72,6 +72,14 @@ def test_grid_shape_and_pixels():
   assert make_grid(images[:2], ["a", "b"]).shape == (cell_h, 2 * cell_w, 3)
 
 
+def test_grid_cell_reads_back_each_image():
+  images = np.random.default_rng(0).integers(0, 256, (7, 6, 5, 3), dtype=np.uint8)
+  for columns, scale in ((3, 2), (8, 4)):
+    grid = make_grid(images, list("abcdefg"), columns=columns, scale=scale)
+    cells = [metrics.grid_cell(grid, i, (6, 5), columns=columns, scale=scale) for i in range(7)]
+    np.testing.assert_array_equal(np.stack(cells), images)
+
+
 def test_wrap_label_limits_lines_and_width():
   font = metrics._font()
   lines = metrics.wrap_label("word " * 50 + "x" * 100, 120, font)
