@@ -10,10 +10,12 @@ config.json records what actually ran.
 
 from __future__ import annotations
 
+import ast
 import importlib.resources
 import importlib.util
 import os
 import sys
+from typing import Any
 
 import ml_collections
 
@@ -86,6 +88,85 @@ def resolve_config_argument(argv: list[str]) -> list[str]:
     elif argument == CONFIG_FLAG and i + 1 < len(resolved) and not resolved[i + 1].startswith("-"):
       resolved[i + 1] = _resolve_spec(resolved[i + 1])
   return resolved
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  """The PATH[:preset] of argv's --config, or None."""
+  for i, argument in enumerate(argv):
+    if argument.startswith(CONFIG_FLAG + "="):
+      return argument[len(CONFIG_FLAG) + 1 :]
+    if argument == CONFIG_FLAG and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def parse_flag_value(text: str) -> Any:
+  """A new kwargs value from the command line: a Python literal (3, 0.5, True, None, (1, 2), "x") or else the text."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def split_new_kwargs(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+  """`argv` without its `--config.SECTION.kwargs.NAME=VALUE` arguments whose NAME the config lacks and its
+  `--config.SECTION.kwargs="{'NAME': VALUE, ...}"` ones (all of a function's kwargs at once), and those as
+  {"SECTION.kwargs.NAME": value} and {"SECTION.kwargs": {...}}.
+
+  The kwargs of a reward or prompt function are open (their names are the factory's), but ml_collections'
+  flags can only set keys that exist: `--config.prompt.kwargs.split=train` on a config whose prompt.kwargs
+  holds only `prompt` would die in its parser. The trainer's main adds these with `add_new_kwargs`; other
+  keys, and kwargs that exist, stay with ml_collections (typed as the config's values are).
+  """
+  spec = _config_spec(argv)
+  if spec is None:
+    return list(argv), {}
+  config = None
+  kept, new = [], {}
+  skip = False
+  for i, argument in enumerate(argv):
+    if skip:
+      skip = False
+      continue
+    key, value = None, None
+    flag_name = argument.split("=")[0]
+    if flag_name.startswith(CONFIG_FLAG + ".") and (".kwargs." in flag_name or flag_name.endswith(".kwargs")):
+      if "=" in argument:
+        key, value = argument[len(CONFIG_FLAG) + 1 :].split("=", 1)
+      elif i + 1 < len(argv):
+        key, value = argument[len(CONFIG_FLAG) + 1 :], argv[i + 1]
+    if key is not None:
+      config = config if config is not None else get_config(spec)
+      *sections, name = key.split(".")
+      node = config
+      for section in sections:
+        node = node[section] if section in node else None
+        if node is None:
+          break
+      replaces_all = name == "kwargs" and isinstance(parse_flag_value(value), dict)
+      if node is not None and (replaces_all or (sections[-1:] == ["kwargs"] and name not in node)):
+        new[key] = parse_flag_value(value)
+        skip = "=" not in argument
+        continue
+    kept.append(argument)
+  return kept, new
+
+
+def add_new_kwargs(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:
+  """Sets `split_new_kwargs`' values in `config`, a locked one included; returns it.
+
+  A whole kwargs dict replaces the config's (in argv's order, so later single kwargs add to it)."""
+  with config.unlocked():
+    for key, value in values.items():
+      if key.split(".")[-1] == "kwargs":
+        *sections, _ = key.split(".")
+        node = config
+        for section in sections:
+          node = node[section]
+        node.kwargs = ml_collections.ConfigDict(value)
+      else:
+        override(config, {key: value})
+  return config
 
 
 def _resolve_spec(spec: str) -> str:

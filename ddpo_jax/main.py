@@ -5,7 +5,8 @@ r"""Runs DDPO.
 --config names a file of the current folder, or else the installed config of that file name, so the command above
 also runs outside the repository with ddpo_jax installed.
 
-Any setting can be overridden: --config.train.learning_rate=3e-4. Running the
+Any setting can be overridden: --config.train.learning_rate=3e-4, and a reward's or prompt function's
+keyword arguments given, new ones included: --config.prompt.kwargs.split=train. Running the
 same command again with the same --workdir resumes from its latest checkpoint.
 On a multi-host TPU slice every worker runs the same command.
 
@@ -38,6 +39,10 @@ flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for mult
 flags.DEFINE_integer("num_processes", 0, "Processes of a multi-process run (with --coordinator_address).")
 flags.DEFINE_integer("process_id", -1, "This process's index (with --coordinator_address).")
 flags.mark_flags_as_required(["config"])
+
+# --config.SECTION.kwargs.NAME=VALUE arguments naming kwargs the config lacks (config_utils.split_new_kwargs),
+# added to the config in main.
+NEW_KWARGS: dict = {}
 
 # Exit status of a run stopped by SIGTERM after saving its checkpoint.
 PREEMPTED_EXIT_CODE = 143
@@ -88,6 +93,7 @@ def main(argv):
   from ddpo_jax import validation
   from ddpo_jax import workdir_lock
 
+  config_utils.add_new_kwargs(FLAGS.config, NEW_KWARGS)
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -107,6 +113,7 @@ def main(argv):
 if __name__ == "__main__":
   try:
     sys.argv = resolve_config_argument(sys.argv)
+    sys.argv, NEW_KWARGS = config_utils.split_new_kwargs(sys.argv)
   except ValueError as error:
     sys.exit(f"--config: {error}")
   app.run(main)

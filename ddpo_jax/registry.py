@@ -44,13 +44,17 @@ class Registry:
   def names(self) -> list[str]:
     return sorted(self._factories)
 
-  def make(self, name: str, **kwargs) -> Any:
-    """The factory `name` (registered, or "package.module:factory") called with kwargs."""
+  def factory(self, name: str) -> Callable[..., Any]:
+    """The factory `name`: registered, or at the import path "package.module:factory"."""
     if name in self._factories:
-      return self._factories[name](**kwargs)
+      return self._factories[name]
     if ":" in name:
-      return import_object(name)(**kwargs)
+      return import_object(name)
     raise ValueError(
       f"unknown {self.kind} {name!r}; registered ones are {self.names()}, "
       "or give an import path 'package.module:factory'."
     )
+
+  def make(self, name: str, **kwargs) -> Any:
+    """The factory `name` (registered, or "package.module:factory") called with kwargs."""
+    return self.factory(name)(**kwargs)

@@ -6,6 +6,7 @@ Every error names the setting and the fix.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import inspect
 import math
 import os
 import re
@@ -44,6 +45,24 @@ def _check_factory(kind: str, setting: str, name: str, registered: list[str]) ->
     raise ConfigError(f"{setting}={name!r}: {e}; check the import path.") from e
   if not callable(factory):
     raise ConfigError(f"{setting}={name!r} is not callable; give the import path of a factory function.")
+
+
+def _check_kwargs(setting: str, factory_registry: registry.Registry, name: str, kwargs) -> None:
+  """`setting` (e.g. "config.prompt.kwargs") must hold keyword arguments that factory `name` accepts."""
+  factory = factory_registry.factory(name)
+  kwargs = dict(kwargs)
+  try:
+    inspect.signature(factory).bind(**kwargs)
+  except TypeError as e:
+    accepted = [p for p in inspect.signature(factory).parameters if p not in ("args", "kwargs")]
+    literal = {k: v for k, v in kwargs.items() if k in accepted}
+    raise ConfigError(
+      f"{setting}={kwargs} do not fit {name!r}, which takes {accepted} ({e}). A setting that another "
+      f"function needed stays when its name changes: give all of them at once, e.g. "
+      f'--{setting}="{literal}", or set them in a config file of your own.'
+    ) from e
+  except ValueError:  # no signature to read (a builtin): the call itself will say
+    pass
 
 
 def _check_workdir(workdir: str) -> None:
@@ -213,6 +232,7 @@ def validate(
     for name in weights:
       _check_factory("reward", f"config.reward.kwargs.weights[{name!r}]", name, rewards.registered())
   _check_factory("prompt function", "config.prompt.name", config.prompt.name, prompts.registered())
+  _check_kwargs("config.prompt.kwargs", prompts.REGISTRY, config.prompt.name, config.prompt.kwargs)
   if models.is_local(config.model.name):
     problem = models.check_model_folder(config.model.name)
     if problem:
@@ -260,6 +280,7 @@ def _check_eval(config: ml_collections.ConfigDict, num_processes: int) -> None:
     return
   _check_seed("config.eval.seed", e.seed)
   _check_factory("prompt function", "config.eval.prompt.name", e.prompt.name, prompts.registered())
+  _check_kwargs("config.eval.prompt.kwargs", prompts.REGISTRY, e.prompt.name, e.prompt.kwargs)
   if e.num_samples < 1 or e.num_samples % batch_size:
     raise ConfigError(
       f"config.eval.num_samples={e.num_samples} must be a positive multiple of config.sample.batch_size="

@@ -13,7 +13,9 @@ preset) as its own `python -m ddpo_jax.main` run and scores it by what issue
                does the subject stay?
   alignment    the held-out evaluation's toy alignment before training and
                after the last epoch (within 0.05 of its start, or higher).
-Prints a Markdown table and writes {workdir}/TASK/sweep.json. A candidate
+Prints a Markdown table and writes {workdir}/TASK/sweep.json, then the JPEG
+kB of the toy world's own renders per background pattern (`rendered_kb`),
+which bound what compressibility can gain while the shape stays. A candidate
 whose run is complete in --workdir is scored without training.
 """
 
@@ -32,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ddpo_jax import metrics
+from ddpo_jax.rewards import jpeg
 from ddpo_jax.toy import shapes
 from experiments import study
 
@@ -39,13 +42,15 @@ FLAGS = flags.FLAGS
 
 # name -> overrides beside the tiny preset (the preset's own values when empty).
 CANDIDATES: dict[str, dict[str, Any]] = {
+  # The pretrained model's own samples (lr 1e-12: no visible step), the shape baseline.
+  "pretrained": {"train.learning_rate": 1e-12},
   "preset": {},
+  "kl0.15": {"train.kl_coef": 0.15},
   "kl0.2": {"train.kl_coef": 0.2},
   "kl0.3": {"train.kl_coef": 0.3},
   "kl0.2_lr1e-3": {"train.kl_coef": 0.2, "train.learning_rate": 1e-3},
   "kl0.3_lr1e-3": {"train.kl_coef": 0.3, "train.learning_rate": 1e-3},
-  "kl0.3_lr1e-3_16ep": {"train.kl_coef": 0.3, "train.learning_rate": 1e-3, "num_epochs": 16},
-  "kl0.5_lr2e-3": {"train.kl_coef": 0.5, "train.learning_rate": 2e-3},
+  "kl0.2_16ep": {"train.kl_coef": 0.2, "num_epochs": 16},
 }
 # Logged samples per epoch: enough for the shape fraction to mean something.
 NUM_IMAGES = 32
@@ -98,6 +103,19 @@ def score(path: str) -> dict[str, Any]:
   }
 
 
+def rendered_kb(seed: int = 0) -> dict[str, tuple[float, float]]:
+  """JPEG kB (mean, std) of the toy world's own renders of every scene, per background pattern,
+  and of a flat image without a shape ("no shape"): how far compressibility can go with the shape kept."""
+  rng = np.random.default_rng(seed)
+  by_pattern: dict[str, list[float]] = {}
+  for scene in shapes.all_scenes():
+    by_pattern.setdefault(scene.pattern, []).append(jpeg.jpeg_size_kb(shapes.render(scene, rng)))
+  flat = np.broadcast_to(np.asarray(shapes.COLOURS["purple"], np.uint8), (shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3))
+  kb = {pattern: (float(np.mean(v)), float(np.std(v))) for pattern, v in by_pattern.items()}
+  kb["no shape"] = (jpeg.jpeg_size_kb(np.ascontiguousarray(flat)), 0.0)
+  return kb
+
+
 def table(task: str, scores: dict[str, dict[str, Any]]) -> str:
   lines = [
     f"| {task} candidate | overrides | trained reward, first 2 → last 2 | gain | shape found, per logged epoch"
@@ -123,6 +141,8 @@ def main(argv):
   with open(os.path.join(FLAGS.workdir, FLAGS.task, "sweep.json"), "w") as f:
     json.dump(scores, f, indent=1)
   print(table(FLAGS.task, scores))
+  print("\nThe toy world's renders, JPEG kB by background pattern (mean ± std over its scenes):")
+  print(", ".join(f"{pattern} {mean:.3f} ± {std:.3f}" for pattern, (mean, std) in rendered_kb().items()))
 
 
 if __name__ == "__main__":
