@@ -215,6 +215,7 @@ def validate(
       f"config.mesh.min_sharded_fraction={config.mesh.min_sharded_fraction} must be in [0, 1] (0: no check)."
     )
   _check_factory("reward", "config.reward.name", config.reward.name, rewards.registered())
+  _check_kwargs("config.reward.kwargs", rewards.REGISTRY, config.reward.name, config.reward.kwargs)
   _check_positive_int("config.reward.num_threads", config.reward.num_threads, " (host threads computing rewards)")
   _check_positive_int(
     "config.logging.num_images",

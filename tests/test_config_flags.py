@@ -49,6 +49,13 @@ def test_kwargs_the_prompt_function_does_not_take_are_named(tmp_path):
   validation.validate(config, str(tmp_path), num_devices=8)
 
 
+def test_kwargs_the_reward_does_not_take_are_named(tmp_path):
+  config = config_utils.override(config_utils.get_config("configs/compress.py:tiny"), {"reward.kwargs.weight": 2.0})
+  message = r"config.reward.kwargs=\{'weight': 2.0\} do not fit 'jpeg_compressibility', which takes \['quality'\]"
+  with pytest.raises(validation.ConfigError, match=message):
+    validation.validate(config, str(tmp_path), num_devices=8)
+
+
 def run_main(tmp_path, *overrides):
   return subprocess.run(
     [sys.executable, "-m", "ddpo_jax.main", TINY, f"--workdir={tmp_path / 'run'}", *overrides],
