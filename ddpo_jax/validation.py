@@ -52,17 +52,29 @@ def _check_kwargs(setting: str, factory_registry: registry.Registry, name: str, 
   factory = factory_registry.factory(name)
   kwargs = dict(kwargs)
   try:
-    inspect.signature(factory).bind(**kwargs)
+    signature = inspect.signature(factory)
+  except ValueError:  # no signature to read (a builtin): the call itself will say
+    return
+  missing = [
+    p.name
+    for p in signature.parameters.values()
+    if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in kwargs
+  ]
+  if missing:
+    raise ConfigError(
+      f"{setting}.{missing[0]} is required by {name!r} and is not set: give it, e.g. "
+      f"--{setting}.{missing[0]}=VALUE, or set it in a config file of your own."
+    )
+  try:
+    signature.bind(**kwargs)
   except TypeError as e:
-    accepted = [p for p in inspect.signature(factory).parameters if p not in ("args", "kwargs")]
+    accepted = [p for p in signature.parameters if p not in ("args", "kwargs")]
     literal = {k: v for k, v in kwargs.items() if k in accepted}
     raise ConfigError(
       f"{setting}={kwargs} do not fit {name!r}, which takes {accepted} ({e}). A setting that another "
       f"function needed stays when its name changes: give all of them at once, e.g. "
       f'--{setting}="{literal}", or set them in a config file of your own.'
     ) from e
-  except ValueError:  # no signature to read (a builtin): the call itself will say
-    pass
 
 
 def _check_workdir(workdir: str) -> None:
@@ -215,7 +227,6 @@ def validate(
       f"config.mesh.min_sharded_fraction={config.mesh.min_sharded_fraction} must be in [0, 1] (0: no check)."
     )
   _check_factory("reward", "config.reward.name", config.reward.name, rewards.registered())
-  _check_kwargs("config.reward.kwargs", rewards.REGISTRY, config.reward.name, config.reward.kwargs)
   _check_positive_int("config.reward.num_threads", config.reward.num_threads, " (host threads computing rewards)")
   _check_positive_int(
     "config.logging.num_images",
@@ -232,6 +243,7 @@ def validate(
       )
     for name in weights:
       _check_factory("reward", f"config.reward.kwargs.weights[{name!r}]", name, rewards.registered())
+  _check_kwargs("config.reward.kwargs", rewards.REGISTRY, config.reward.name, config.reward.kwargs)
   _check_factory("prompt function", "config.prompt.name", config.prompt.name, prompts.registered())
   _check_kwargs("config.prompt.kwargs", prompts.REGISTRY, config.prompt.name, config.prompt.kwargs)
   if models.is_local(config.model.name):

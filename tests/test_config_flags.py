@@ -80,3 +80,16 @@ def test_main_takes_a_new_prompt_kwarg_and_names_the_fix_for_a_stale_one(tmp_pat
   assert result.returncode == 2, result.stderr
   assert "config.eval.eta=-1.0 must be >= 0" in result.stderr
   assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_a_required_kwarg_that_is_not_set_is_named_with_its_flag(tmp_path):
+  """Before: "config.prompt.kwargs={} do not fit 'from_file' ... missing a required argument: 'path'"."""
+  config = config_utils.override(
+    config_utils.get_config("configs/compress.py:tiny"), {"prompt.name": "from_file", "prompt.kwargs": {}}
+  )
+  with pytest.raises(
+    validation.ConfigError,
+    match=r"config.prompt.kwargs.path is required by 'from_file'.*"
+    r"--config.prompt.kwargs.path=VALUE",
+  ):
+    validation.validate(config, str(tmp_path), num_devices=8)
