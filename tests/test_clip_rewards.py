@@ -250,7 +250,12 @@ def test_a_vision_tower_folder_is_not_a_clip_model(tmp_path):
 
 
 @pytest.mark.parametrize(
-  "spec, reward", [("configs/pickscore.py:tiny", "pickscore"), ("configs/clip_score.py:tiny", "clip_score")]
+  "spec, reward",
+  [
+    ("configs/pickscore.py:tiny", "pickscore"),
+    ("configs/clip_score.py:tiny", "clip_score"),
+    ("configs/hpsv2.py:tiny", "hpsv2"),
+  ],
 )
 def test_tiny_preset_trains_two_epochs(spec, reward, tiny_model_dir, tmp_path):
   """Each tiny preset (tiny-random CLIP on toy captions) on the tests' tiny model, made short: 2 epochs of 8

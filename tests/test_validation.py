@@ -108,6 +108,8 @@ def test_unwritable_workdir(tmp_path):
     "configs/toy_alignment.py:tiny",
     "configs/clip_score.py:tiny",
     "configs/pickscore.py:tiny",
+    "configs/hpsv2.py",
+    "configs/hpsv2.py:tiny",
   ],
 )
 def test_shipped_configs_are_valid(spec, tmp_path):

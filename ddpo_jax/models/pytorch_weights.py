@@ -122,7 +122,9 @@ def write_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
   """Writes {PyTorch name: array} as one safetensors file that torch, diffusers and transformers load."""
   from safetensors.numpy import save_file
 
-  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path, metadata={"format": "pt"})
+  # np.ascontiguousarray makes 0-d arrays 1-d; the reshape keeps scalars (CLIP's logit_scale) scalars.
+  arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_dict.items()}
+  save_file(arrays, path, metadata={"format": "pt"})
 
 
 def unflatten(flat: dict[tuple[str, ...], Any]) -> dict:

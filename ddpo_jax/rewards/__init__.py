@@ -6,7 +6,7 @@ prompts) -> float32 [B]` or a mapping with the key "reward" and named parts;
 
 Importing this package registers the built-in rewards: jpeg_compressibility,
 jpeg_incompressibility (`jpeg.py`), toy_alignment (`toy_alignment.py`),
-aesthetic (`aesthetic.py`), clip_score and pickscore (`clip_score.py`),
+aesthetic (`aesthetic.py`), clip_score and pickscore (`clip_score.py`), hpsv2 (`hpsv2.py`),
 prompt_alignment (`prompt_alignment.py`, a client of `ddpo_jax.reward_server`)
 and weighted (`weighted.py`, a weighted sum of any of these). The contract
 lives in `base.py`, which the families import, so that none of them imports
@@ -18,6 +18,7 @@ from __future__ import annotations
 from ddpo_jax.rewards import aesthetic
 from ddpo_jax.rewards import base
 from ddpo_jax.rewards import clip_score
+from ddpo_jax.rewards import hpsv2
 from ddpo_jax.rewards import jpeg
 from ddpo_jax.rewards import prompt_alignment
 from ddpo_jax.rewards import toy_alignment
@@ -50,6 +51,7 @@ __all__ = [
   "check_rewards",
   "clip_score",
   "concatenate",
+  "hpsv2",
   "jpeg",
   "make",
   "prompt_alignment",

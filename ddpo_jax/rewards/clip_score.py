@@ -291,6 +291,12 @@ def load(model: str, processor: str = "", dtype: str = "float32", revision: str 
     _folder(processor, None, PROCESSOR_FILES) if processor else _folder(model, revision or None, PROCESSOR_FILES)
   )
   tokenizer = tokenizer_lib.CLIPTokenizer.from_folder(processor_folder)
+  pooled_at = text_module.config.eos_token_id
+  if pooled_at != 2 and tokenizer.eos_token_id != pooled_at:  # 2: pooled at the largest id, whatever the tokenizer
+    raise ValueError(
+      f"the tokenizer of {processor or model!r} ends prompts with token {tokenizer.eos_token_id}, but the text tower "
+      f"pools at eos_token_id {pooled_at} (its config.json): they do not belong together; give the model's processor"
+    )
   image_size = int(vision_module.config.image_size)
   preprocessor_file = os.path.join(processor_folder, PREPROCESSOR_CONFIG)
   if os.path.isfile(preprocessor_file):
